@@ -1,0 +1,1 @@
+"""Control plane: resources -> per-proxy config, push server, CA, the controller app."""

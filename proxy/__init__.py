@@ -1,0 +1,1 @@
+"""synchro-proxy: the sidecar, its init container, and the proxy's config schema."""

@@ -1,0 +1,1 @@
+"""synchro-init: iptables redirection for an injected Pod."""

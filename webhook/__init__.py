@@ -1,0 +1,1 @@
+"""Admission: AdmissionReview in, JSON Patch out."""
