@@ -1,0 +1,1 @@
+"""Demo services for `sudo make demo` (run as processes by `synchro up`)."""
