@@ -1,0 +1,150 @@
+"""The injector's global defaults, read from ConfigMap `synchro-config`.
+
+ConfigMap keys (all optional; keys this module does not know belong to other
+parts of the mesh and are ignored):
+
+| key | field | example |
+|---|---|---|
+| `trustDomain` | trust_domain | `cluster.local` |
+| `controllerAddress` | controller_address | `synchro-controller.synchro-system.svc:15012` (empty: none) |
+| `proxyImage` | image | `synchro:dev` |
+| `proxyImagePullPolicy` | image_pull_policy | `IfNotPresent` |
+| `proxyCPURequest`, `proxyCPULimit` | cpu_request, cpu_limit | `100m`, `1` (empty limit: none) |
+| `proxyMemoryRequest`, `proxyMemoryLimit` | memory_request, memory_limit | `64Mi`, `256Mi` |
+| `proxyLogLevel` | log_level | `info` |
+| `proxyConcurrency` | concurrency | `1` |
+| `nativeSidecar` | native_sidecar | `true` |
+| `holdAppUntilProxyReady` | hold_app_until_proxy_ready | `true` |
+| `rewriteProbes` | rewrite_probes | `true` |
+| `accessLog` | access_log | `off` |
+| `traceSampling` | trace_sampling | `1` |
+| `drainSeconds` | drain_seconds | `5` |
+
+Values are validated with the same parsers as the Pod annotations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from webhook import annotations as ann
+
+INJECTOR_VERSION = "0.1.0"
+DEFAULT_IMAGE = "synchro:dev"
+TOKEN_AUDIENCE = "synchro-ca"
+TOKEN_EXPIRATION_SECONDS = 12 * 3600
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+
+
+class ConfigError(ValueError):
+    """A `synchro-config` value that does not parse."""
+
+
+@dataclass(frozen=True)
+class InjectorConfig:
+    image: str = DEFAULT_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    cpu_request: str = "100m"
+    cpu_limit: str | None = "1"
+    memory_request: str = "64Mi"
+    memory_limit: str | None = "256Mi"
+    log_level: str = "info"
+    concurrency: int = 1
+    native_sidecar: bool = True
+    hold_app_until_proxy_ready: bool = True
+    rewrite_probes: bool = True
+    access_log: str = "off"
+    trace_sampling: float = 1.0
+    drain_seconds: int = 5
+    trust_domain: str = "cluster.local"
+    controller_address: str = "synchro-controller.synchro-system.svc:15012"
+    token_audience: str = TOKEN_AUDIENCE
+    token_expiration_seconds: int = TOKEN_EXPIRATION_SECONDS
+    version: str = INJECTOR_VERSION
+
+    def __post_init__(self) -> None:
+        # Validate once here so a bad default surfaces at start-up, not per Pod.
+        for spec in ann.ANNOTATIONS:
+            if spec.config is None:
+                continue
+            current = getattr(self, spec.config)
+            if current is None:
+                continue
+            try:
+                spec.parse(ann.render(current))
+            except ValueError:
+                raise ConfigError(
+                    f"{spec.config}: {current!r} is not valid; expected {spec.accepted}"
+                ) from None
+        if self.image_pull_policy not in PULL_POLICIES:
+            raise ConfigError(
+                f"image_pull_policy: {self.image_pull_policy!r} is not valid; "
+                f"expected one of {', '.join(PULL_POLICIES)}"
+            )
+        if not self.trust_domain or "/" in self.trust_domain:
+            raise ConfigError(
+                f"trust_domain: {self.trust_domain!r} is not valid; expected a DNS-like name"
+            )
+
+    @classmethod
+    def from_configmap_data(cls, data: Mapping[str, Any]) -> InjectorConfig:
+        """Build from a ConfigMap's `data`; unknown keys are ignored."""
+        fields: dict[str, Any] = {}
+        for key, value in data.items():
+            target = _KEYS.get(key)
+            if target is None:
+                continue
+            text = value if isinstance(value, str) else _yaml_scalar(value)
+            fields[target] = _parse_field(key, target, text)
+        return cls(**fields)
+
+    def to_configmap_data(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for key, target in _KEYS.items():
+            value = getattr(self, target)
+            out[key] = "" if value is None else ann.render(value)
+        return out
+
+
+_KEYS: Mapping[str, str] = {
+    "trustDomain": "trust_domain",
+    "controllerAddress": "controller_address",
+    "proxyImage": "image",
+    "proxyImagePullPolicy": "image_pull_policy",
+    "proxyCPURequest": "cpu_request",
+    "proxyCPULimit": "cpu_limit",
+    "proxyMemoryRequest": "memory_request",
+    "proxyMemoryLimit": "memory_limit",
+    "proxyLogLevel": "log_level",
+    "proxyConcurrency": "concurrency",
+    "nativeSidecar": "native_sidecar",
+    "holdAppUntilProxyReady": "hold_app_until_proxy_ready",
+    "rewriteProbes": "rewrite_probes",
+    "accessLog": "access_log",
+    "traceSampling": "trace_sampling",
+    "drainSeconds": "drain_seconds",
+}
+
+_BY_FIELD = {a.config: a for a in ann.ANNOTATIONS if a.config is not None}
+_OPTIONAL = frozenset({"cpu_limit", "memory_limit"})
+
+
+def _yaml_scalar(value: Any) -> str:
+    # ConfigMap data is strings, but a hand-written YAML file may say `true` or `5`.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _parse_field(key: str, target: str, text: str) -> Any:
+    if target in _OPTIONAL and text.strip() == "":
+        return None
+    spec = _BY_FIELD.get(target)
+    if spec is None:
+        return text.strip()
+    try:
+        return spec.parse(text)
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r} is not valid; expected {spec.accepted}") from None
