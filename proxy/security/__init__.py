@@ -1,0 +1,1 @@
+"""Security decisions and adapters: authorization, peer authentication, identity."""
