@@ -9,6 +9,9 @@ them); it forwards SIGTERM to them and restarts a worker that dies.
 SIGTERM (or `POST /drain`): readiness turns 503, the listeners stop accepting,
 open connections get up to `--drain-seconds` to finish, then the process exits.
 
+Subcommands for the Pod's lifecycle hooks: `synchro-proxy wait-ready --timeout S`
+and `synchro-proxy drain` (see the contract in webhook/inject.py).
+
 Settings come from flags; the webhook's environment (`SYNCHRO_CONCURRENCY`,
 `SYNCHRO_DRAIN_SECONDS`, `SYNCHRO_LOG_LEVEL`, `SYNCHRO_OPAQUE_PORTS`,
 `SYNCHRO_APP_PROBES`) overrides the defaults; a flag given explicitly wins.
@@ -513,8 +516,73 @@ async def run_supervisor(settings: Settings, argv: Sequence[str]) -> int:
     return 0
 
 
+# -- lifecycle-hook subcommands (see webhook/inject.py) -----------------------
+
+
+def _local_request(address: str, method: str, path: str, timeout: float) -> int:
+    import http.client
+
+    target = parse_host_port(address)
+    conn = http.client.HTTPConnection(target.host, target.port, timeout=timeout)
+    try:
+        conn.request(method, path)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def wait_ready_command(argv: Sequence[str]) -> int:
+    """postStart hook: exit 0 once the local proxy is ready, 1 after --timeout."""
+    import time
+
+    p = argparse.ArgumentParser(prog="synchro-proxy wait-ready")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--status", default=f"127.0.0.1:{ports.STATUS_PORT}", metavar="HOST:PORT")
+    args = p.parse_args(argv)
+    deadline = time.monotonic() + args.timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            status = _local_request(args.status, "GET", "/healthz/ready", 1.0)
+            if status == 200:
+                return 0
+            last = f"status {status}"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    print(f"synchro-proxy wait-ready: not ready after {args.timeout:g}s ({last})", file=sys.stderr)
+    return 1
+
+
+def drain_command(argv: Sequence[str]) -> int:
+    """preStop hook: ask the local proxy to drain, return after the drain time."""
+    import time
+
+    p = argparse.ArgumentParser(prog="synchro-proxy drain")
+    p.add_argument("--admin", default=f"127.0.0.1:{ports.ADMIN_PORT}", metavar="HOST:PORT")
+    p.add_argument("--seconds", type=float, default=None, help="default SYNCHRO_DRAIN_SECONDS or 5")
+    args = p.parse_args(argv)
+    seconds = args.seconds
+    if seconds is None:
+        seconds = _number(
+            os.environ.get("SYNCHRO_DRAIN_SECONDS", "").strip() or "5", "SYNCHRO_DRAIN_SECONDS"
+        )
+    try:
+        _local_request(args.admin, "POST", "/drain", 5.0)
+    except OSError as exc:
+        print(f"synchro-proxy drain: proxy not reachable at {args.admin}: {exc}", file=sys.stderr)
+        return 1
+    time.sleep(seconds)
+    return 0
+
+
+SUBCOMMANDS = {"wait-ready": wait_ready_command, "drain": drain_command}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        raise SystemExit(SUBCOMMANDS[argv[0]](argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         settings = parse_settings(args, os.environ)
