@@ -1,0 +1,1 @@
+"""Telemetry: metrics, trace context propagation, access logs."""
