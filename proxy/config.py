@@ -332,6 +332,7 @@ class Route:
 class ConsistentHash:
     header: str | None = None
     cookie: str | None = None
+    cookie_ttl: float | None = None
     source_ip: bool = False
 
 
@@ -393,18 +394,28 @@ class CircuitBreaker:
 
 
 @dataclass(frozen=True, slots=True)
+class SuccessRateEjection:
+    minimum_hosts: int = 5
+    request_volume: int = 100
+    stdev_factor: float = 1.9
+
+
+@dataclass(frozen=True, slots=True)
 class OutlierDetection:
     consecutive_5xx_errors: int | None = 5
     consecutive_gateway_errors: int | None = None
     interval: float = 10.0
     base_ejection_time: float = 30.0
+    max_ejection_time: float | None = None
     max_ejection_percent: float = 10.0
+    success_rate: SuccessRateEjection | None = None
 
     def __post_init__(self) -> None:
         _nonneg("consecutive_5xx_errors", self.consecutive_5xx_errors)
         _nonneg("consecutive_gateway_errors", self.consecutive_gateway_errors)
         _check(self.interval > 0, "interval: must be > 0")
         _nonneg("base_ejection_time", self.base_ejection_time)
+        _nonneg("max_ejection_time", self.max_ejection_time)
         _percent("max_ejection_percent", self.max_ejection_percent)
 
 
@@ -447,7 +458,7 @@ class RateLimit:
     """Inbound token bucket for the workloads behind the service."""
 
     requests_per_second: float
-    burst: int = 0  # 0: same as requests_per_second
+    burst: int = 0  # 0: one second's worth (max(1, requests_per_second))
     per_source: bool = False
 
     def __post_init__(self) -> None:
@@ -602,10 +613,10 @@ class Inbound:
 
 @dataclass(frozen=True, slots=True)
 class Workload:
-    """The proxy's own Pod, as the control plane sees it."""
+    """The proxy's own workload, as the control plane sees it (no Pod name: every
+    Pod of a workload gets the same config, with the same version)."""
 
     namespace: str = ""
-    name: str = ""
     service_account: str = ""
     labels: Mapping[str, str] = field(default_factory=_labels)
     identity: str = ""
