@@ -70,6 +70,7 @@ def _address(sockaddr: object) -> Address:
 class ListenerStats:
     accepted: int = 0
     refused: int = 0
+    aborted: int = 0
     errors: int = 0
     protocols: Counter[str] = field(default_factory=Counter)
 
@@ -120,6 +121,7 @@ class Listener:
             "active_connections": len(self.connections),
             "accepted": self.stats.accepted,
             "refused": self.stats.refused,
+            "aborted": self.stats.aborted,
             "errors": self.stats.errors,
             "protocols": dict(self.stats.protocols),
         }
@@ -134,6 +136,11 @@ class Listener:
         except asyncio.CancelledError:
             tcp.reset(writer)
             raise
+        except (ConnectionError, TimeoutError) as exc:
+            # Clients vanish, mid-detection too: routine, not an error of the proxy.
+            self.stats.aborted += 1
+            log.debug("%s: connection aborted: %r", self.settings.name, exc)
+            tcp.reset(writer)
         except Exception:
             self.stats.errors += 1
             log.exception("%s: connection failed", self.settings.name)

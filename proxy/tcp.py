@@ -26,11 +26,16 @@ _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 def reset(writer: asyncio.StreamWriter) -> None:
     """Close with an RST (SO_LINGER 0) instead of a FIN."""
+    transport = writer.transport
+    if transport.is_closing():
+        # Already going away; its descriptor may be gone (uvloop then refuses setsockopt).
+        transport.abort()
+        return
     sock = writer.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    writer.transport.abort()
+    transport.abort()
 
 
 async def connect(
@@ -107,8 +112,9 @@ class _Relay:
             # Half-close: pass the FIN on and keep the other direction open.
             if not writer.is_closing() and writer.can_write_eof():
                 writer.write_eof()
-        except (ConnectionError, OSError) as exc:
-            # A reset on one side becomes a reset on the other.
+        except (ConnectionError, OSError, RuntimeError) as exc:
+            # A reset on one side becomes a reset on the other. (uvloop raises
+            # RuntimeError for a write to a transport that is already closed.)
             log.debug("tcp: %s", exc)
             self.abort()
 

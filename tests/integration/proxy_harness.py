@@ -23,6 +23,7 @@ process is stopped (SIGTERM, then SIGKILL) when the test ends, also on failure.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -32,8 +33,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,3 +237,86 @@ def proxy_process() -> Iterator[Callable[..., RunningProxy]]:
     yield start
     for proxy in started:
         proxy.stop()
+
+
+StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class BackgroundServer:
+    """A real asyncio TCP server on a loopback port, on its own thread and loop.
+
+    Upstreams for tests: `with BackgroundServer(handler) as server: server.port`.
+    """
+
+    def __init__(self, handler: StreamHandler, host: str = LOOPBACK) -> None:
+        self.handler = handler
+        self.host = host
+        self.port = 0
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._server: asyncio.Server | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def start() -> None:
+            self._server = await asyncio.start_server(self.handler, self.host, 0, backlog=4096)
+            self.port = int(self._server.sockets[0].getsockname()[1])
+
+        try:
+            self.loop.run_until_complete(start())
+        except BaseException as exc:
+            self._error = exc
+            self._started.set()
+            return
+        self._started.set()
+        self.loop.run_forever()
+        # Let handlers see their cancellation before the loop goes away.
+        tasks = asyncio.all_tasks(self.loop)
+        for task in tasks:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        self.loop.close()
+
+    def __enter__(self) -> BackgroundServer:
+        self._thread.start()
+        self._started.wait(10)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+
+        def stop() -> None:
+            if self._server is not None:
+                self._server.close()
+            self.loop.stop()
+
+        self.loop.call_soon_threadsafe(stop)
+        self._thread.join(10)
+
+
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Echo until EOF, then half-close back."""
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
