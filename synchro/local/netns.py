@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/run/netns")
 STATE_DIR = Path(os.environ.get("SYNCHRO_LOCAL_STATE_DIR", "/run/synchro-local"))
+RUN_ROOT = Path("/tmp/synchro-local")
 DEFAULT_SUBNET = "10.213.0.0/24"
 BRIDGE = "br0"
 POD_IFACE = "eth0"
@@ -508,7 +509,9 @@ class Node:
         self.subnet = net
         self.subnet6 = ipaddress.IPv6Network(ipv6_subnet) if ipv6_subnet else None
         self.netns = f"{prefix}-node"
-        self.logdir = logdir or Path("/tmp/synchro-local") / prefix
+        # Files the Pods' processes share (volumes); removed by close().
+        self.rundir = RUN_ROOT / prefix
+        self.logdir = logdir or self.rundir / "logs"
         self.pods: dict[str, PodNet] = {}
         self._hosts = self.subnet.hosts()
         self.gateway = next(self._hosts)
@@ -593,8 +596,15 @@ class Node:
         return pod
 
     def remove_pod(self, name: str) -> None:
-        pod = self.pods.pop(name)
+        """Stop the Pod's processes and delete its namespace."""
+        pod = self.pods.pop(name, None)
+        if pod is None:
+            return
         pod.close()
+        with contextlib.suppress(ValueError):
+            self.state.netns.remove(pod.netns)
+        self.state.save()
+        shutil.rmtree(self.rundir / "volumes" / name, ignore_errors=True)
 
     def close(self) -> None:
         """Stop every process and delete every namespace of this node. Idempotent."""
@@ -608,6 +618,9 @@ class Node:
             delete_netns(netns)
         self.pods.clear()
         self.state.path.unlink(missing_ok=True)
+        shutil.rmtree(self.rundir / "volumes", ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.rundir.rmdir()  # only when empty: logs may live here
 
     def __enter__(self) -> Node:
         return self

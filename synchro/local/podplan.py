@@ -1,0 +1,324 @@
+"""What running a Pod spec on this machine means (pure: no processes, no files).
+
+`plan_pod(pod, context)` turns a (usually injected) Pod into ordered steps the
+way the kubelet would run them: init containers one after another (a native
+sidecar, `restartPolicy: Always`, keeps running), then the app containers in
+order. Each step carries its argv (`command` + `args` with `$(VAR)` expanded),
+environment (literal values and the downward API), uid/gid, lifecycle hooks
+and probes. Images are ignored: the local runtime runs commands only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy import ports
+
+INIT = "init"
+SIDECAR = "sidecar"
+APP = "app"
+
+
+class PodSpecError(ValueError):
+    """The Pod cannot run locally as written; the message names the field."""
+
+
+@dataclass(frozen=True)
+class PodContext:
+    """What the kubelet and the API server would know about the running Pod."""
+
+    name: str
+    namespace: str
+    ip: str
+    node_name: str = "local"
+    host_ip: str = ""
+    ips: tuple[str, ...] = ()
+    uid: str = ""
+    # volume name -> local directory standing in for it
+    volumes: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Probe:
+    kind: str  # httpGet | tcpSocket
+    port: int
+    path: str = "/"
+    host: str | None = None
+    timeout: float = 1.0
+    period: float = 1.0
+    failure_threshold: int = 3
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    kind: str  # init | sidecar | app
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    uid: int | None
+    gid: int | None
+    cwd: str | None = None
+    post_start: tuple[str, ...] | None = None
+    pre_stop: tuple[str, ...] | None = None
+    startup_probe: Probe | None = None
+    readiness_probe: Probe | None = None
+
+
+@dataclass(frozen=True)
+class PodPlan:
+    name: str
+    namespace: str
+    steps: tuple[Step, ...]
+    termination_grace_seconds: float = 30.0
+
+    def step(self, name: str) -> Step:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+
+_VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand(text: str, env: Mapping[str, str]) -> str:
+    """Kubernetes `$(VAR)` expansion: defined variables are replaced, unknown
+    references stay as written, `$$` is a literal `$`."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1)
+        return env.get(name, m.group(0))
+
+    return _VAR.sub(sub, text)
+
+
+_LABEL_REF = re.compile(r"^metadata\.(labels|annotations)\['([^']+)'\]$")
+
+
+def _field_ref(path: str, pod: Mapping[str, Any], ctx: PodContext, where: str) -> str:
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    simple = {
+        "metadata.name": ctx.name,
+        "metadata.namespace": ctx.namespace,
+        "metadata.uid": ctx.uid,
+        "spec.nodeName": ctx.node_name,
+        "spec.serviceAccountName": spec.get("serviceAccountName") or "default",
+        "status.podIP": ctx.ip,
+        "status.podIPs": ",".join(ctx.ips or (ctx.ip,)),
+        "status.hostIP": ctx.host_ip,
+        "status.hostIPs": ctx.host_ip,
+    }
+    if path in simple:
+        return str(simple[path])
+    m = _LABEL_REF.match(path)
+    if m:
+        return str((meta.get(m.group(1)) or {}).get(m.group(2), ""))
+    raise PodSpecError(f"{where}: fieldRef {path!r} is not supported locally")
+
+
+def _env(
+    container: Mapping[str, Any],
+    pod: Mapping[str, Any],
+    ctx: PodContext,
+    mounts: Mapping[str, str],
+    where: str,
+) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for i, item in enumerate(container.get("env") or []):
+        here = f"{where}.env[{i}]"
+        name = item.get("name") if isinstance(item, Mapping) else None
+        if not isinstance(name, str) or not name:
+            raise PodSpecError(f"{here}.name: expected a non-empty string")
+        if "valueFrom" in item:
+            source = item["valueFrom"] or {}
+            if "fieldRef" in source:
+                value = _field_ref(str(source["fieldRef"].get("fieldPath")), pod, ctx, here)
+            else:
+                kinds = ", ".join(sorted(source)) or "nothing"
+                raise PodSpecError(f"{here}.valueFrom: {kinds} is not supported locally")
+        else:
+            value = expand(str(item.get("value", "")), env)
+        env[name] = _remap(value, mounts)
+    return env
+
+
+def _mounts(container: Mapping[str, Any], ctx: PodContext, where: str) -> dict[str, str]:
+    """mountPath -> the local directory (or file, with subPath) standing in for it."""
+    out: dict[str, str] = {}
+    for i, mount in enumerate(container.get("volumeMounts") or []):
+        volume = mount.get("name")
+        path = mount.get("mountPath")
+        if volume not in ctx.volumes:
+            # An unknown volume has no local stand-in; paths into it stay as written.
+            continue
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise PodSpecError(f"{where}.volumeMounts[{i}].mountPath: expected an absolute path")
+        local = ctx.volumes[volume]
+        sub = mount.get("subPath")
+        out[path.rstrip("/") or "/"] = f"{local}/{sub}" if sub else local
+    return out
+
+
+def _remap(value: str, mounts: Mapping[str, str]) -> str:
+    """A path inside a mounted volume, pointed at the volume's local directory."""
+    for mount_path in sorted(mounts, key=len, reverse=True):
+        if value == mount_path or value.startswith(mount_path + "/"):
+            return mounts[mount_path] + value[len(mount_path) :]
+    return value
+
+
+def _argv(container: Mapping[str, Any], env: Mapping[str, str], where: str) -> tuple[str, ...]:
+    command = container.get("command") or []
+    args = container.get("args") or []
+    if not command:
+        raise PodSpecError(
+            f"{where}.command: the local runtime runs commands, not images; "
+            "give the container a command"
+        )
+    for key, value in (("command", command), ("args", args)):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise PodSpecError(f"{where}.{key}: expected a list of strings")
+    return tuple(expand(part, env) for part in (*command, *args))
+
+
+def _hook(
+    container: Mapping[str, Any], which: str, env: Mapping[str, str]
+) -> tuple[str, ...] | None:
+    hook = (container.get("lifecycle") or {}).get(which) or {}
+    command = (hook.get("exec") or {}).get("command")
+    if not command:
+        return None
+    return tuple(expand(str(part), env) for part in command)
+
+
+def _probe(container: Mapping[str, Any], key: str) -> Probe | None:
+    probe = container.get(key)
+    if not isinstance(probe, Mapping):
+        return None
+    for kind in ("httpGet", "tcpSocket"):
+        action = probe.get(kind)
+        if isinstance(action, Mapping):
+            port = _port(action.get("port"), container)
+            if port is None:
+                return None
+            return Probe(
+                kind=kind,
+                port=port,
+                path=str(action.get("path", "/")),
+                host=action.get("host"),
+                timeout=float(probe.get("timeoutSeconds", 1)),
+                period=float(probe.get("periodSeconds", 10)),
+                failure_threshold=int(probe.get("failureThreshold", 3)),
+            )
+    return None  # exec and grpc probes are not run locally
+
+
+def _port(port: Any, container: Mapping[str, Any]) -> int | None:
+    if isinstance(port, int) and not isinstance(port, bool):
+        return port
+    if isinstance(port, str):
+        if port.isdigit():
+            return int(port)
+        for declared in container.get("ports") or []:
+            if declared.get("name") == port:
+                return _port(declared.get("containerPort"), container)
+    return None
+
+
+def _ids(
+    container: Mapping[str, Any], pod_security: Mapping[str, Any], *, proxy: bool
+) -> tuple[int | None, int | None]:
+    sc = container.get("securityContext") or {}
+    uid = sc.get("runAsUser", pod_security.get("runAsUser"))
+    gid = sc.get("runAsGroup", pod_security.get("runAsGroup"))
+    if proxy:
+        # The init rules exempt exactly this uid/gid: the proxy must run as them.
+        uid = ports.PROXY_UID if uid is None else uid
+        gid = ports.PROXY_GID if gid is None else gid
+    return uid, gid
+
+
+def _step(
+    container: Mapping[str, Any],
+    kind: str,
+    pod: Mapping[str, Any],
+    ctx: PodContext,
+    where: str,
+    overrides: Mapping[str, str],
+) -> Step:
+    name = container.get("name")
+    if not isinstance(name, str) or not name:
+        raise PodSpecError(f"{where}.name: expected a non-empty string")
+    mounts = _mounts(container, ctx, where)
+    env = {**_env(container, pod, ctx, mounts, where), **overrides}
+    spec = pod.get("spec") or {}
+    uid, gid = _ids(
+        container, spec.get("securityContext") or {}, proxy=name == ports.PROXY_CONTAINER_NAME
+    )
+    working_dir = container.get("workingDir")
+    return Step(
+        name=name,
+        kind=kind,
+        argv=_argv(container, env, where),
+        env=env,
+        uid=uid,
+        gid=gid,
+        cwd=_remap(working_dir, mounts) if isinstance(working_dir, str) else None,
+        post_start=_hook(container, "postStart", env),
+        pre_stop=_hook(container, "preStop", env),
+        startup_probe=_probe(container, "startupProbe"),
+        readiness_probe=_probe(container, "readinessProbe"),
+    )
+
+
+def plan_pod(
+    pod: Mapping[str, Any],
+    ctx: PodContext,
+    env_overrides: Mapping[str, Mapping[str, str]] | None = None,
+) -> PodPlan:
+    """The steps that run `pod`, in the kubelet's order.
+
+    `env_overrides` maps a container name to variables that replace or add to
+    its environment (e.g. the local controller's address for the proxy).
+    """
+    if not isinstance(pod, Mapping):
+        raise PodSpecError("pod: expected a Pod object")
+    spec = pod.get("spec")
+    if not isinstance(spec, Mapping) or not spec.get("containers"):
+        raise PodSpecError("spec.containers: expected a non-empty list")
+    overrides = env_overrides or {}
+    steps: list[Step] = []
+    sections: Sequence[tuple[str, str]] = (("initContainers", INIT), ("containers", APP))
+    for key, kind in sections:
+        for i, container in enumerate(spec.get(key) or []):
+            if not isinstance(container, Mapping):
+                raise PodSpecError(f"spec.{key}[{i}]: expected an object")
+            this_kind = (
+                SIDECAR if kind == INIT and container.get("restartPolicy") == "Always" else kind
+            )
+            steps.append(
+                _step(
+                    container,
+                    this_kind,
+                    pod,
+                    ctx,
+                    f"spec.{key}[{i}]",
+                    overrides.get(str(container.get("name")), {}),
+                )
+            )
+    names = [s.name for s in steps]
+    if len(set(names)) != len(names):
+        raise PodSpecError("spec: container names must be unique")
+    grace = spec.get("terminationGracePeriodSeconds", 30)
+    return PodPlan(
+        name=ctx.name,
+        namespace=ctx.namespace,
+        steps=tuple(steps),
+        termination_grace_seconds=float(grace) if isinstance(grace, int | float) else 30.0,
+    )
