@@ -1,6 +1,7 @@
 """The injector's global defaults, read from ConfigMap `synchro-config`.
 
-ConfigMap keys (all optional; keys this module does not know belong to other
+ConfigMap keys, directly in `data` or in one YAML document under `data["mesh.yaml"]`
+(all optional; keys this module does not know belong to other
 parts of the mesh and are ignored):
 
 | key | field | example |
@@ -28,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import yaml
 
 from webhook import annotations as ann
 
@@ -90,9 +93,13 @@ class InjectorConfig:
 
     @classmethod
     def from_configmap_data(cls, data: Mapping[str, Any]) -> InjectorConfig:
-        """Build from a ConfigMap's `data`; unknown keys are ignored."""
+        """Build from a ConfigMap's `data`; unknown keys are ignored.
+
+        The keys may sit directly in `data` or in one YAML document under the
+        key `mesh.yaml` (deploy/configmap.yaml does the latter); direct keys win.
+        """
         fields: dict[str, Any] = {}
-        for key, value in data.items():
+        for key, value in {**_mesh_yaml(data), **data}.items():
             target = _KEYS.get(key)
             if target is None:
                 continue
@@ -129,6 +136,26 @@ _KEYS: Mapping[str, str] = {
 
 _BY_FIELD = {a.config: a for a in ann.ANNOTATIONS if a.config is not None}
 _OPTIONAL = frozenset({"cpu_limit", "memory_limit"})
+
+
+MESH_YAML = "mesh.yaml"
+
+
+def _mesh_yaml(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    text = data.get(MESH_YAML)
+    if text is None:
+        return {}
+    if not isinstance(text, str):
+        raise ConfigError(f"{MESH_YAML}: expected a YAML document as a string")
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{MESH_YAML}: not YAML: {exc}") from None
+    if parsed is None:
+        return {}
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"{MESH_YAML}: expected a mapping of settings")
+    return parsed
 
 
 def _yaml_scalar(value: Any) -> str:
