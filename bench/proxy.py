@@ -1,0 +1,757 @@
+"""Proxy data-path benchmark: direct vs HAProxy vs synchro-proxy, in one run.
+
+    python3 bench/proxy.py [--duration S] [--quick] [--json [PATH]]
+
+nginx serves a 1 KiB file on 127.0.0.1 over HTTP/1.1 (keep-alive) and over h2c
+(prior knowledge). For every path in PATHS and every protocol in PROTOCOLS:
+
+1. start the path's processes (nothing for `direct`) in front of nginx;
+2. warm up, then measure throughput with wrk (HTTP/1.1) or h2load (h2c) while
+   sampling utime+stime of the proxy's processes from /proc/<pid>/stat, giving
+   CPU microseconds per completed request;
+3. measure latency at a fixed 1,000 requests/s with h2load's paced mode
+   (10 connections x 100 req/s, connection starts staggered 1 ms apart), giving
+   p50/p99 from h2load's per-request log;
+4. read the proxy's VmRSS, then stop it.
+
+Then it prints one table and the issue's targets with pass/miss. See
+bench/README.md for the method, its limits and recorded figures.
+
+To add a path (features on, mTLS, telemetry), add a launcher and a PathSpec
+to PATHS, and its targets to TARGETS; nothing else needs to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+if __package__ in (None, ""):
+    # Run as `python3 bench/proxy.py`: sys.path[0] is bench/, where this very
+    # file would shadow the `proxy` package; put the repository root there.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench._common import (
+    LOOPBACK,
+    BenchError,
+    HostPort,
+    LatencySummary,
+    LoadResult,
+    Placement,
+    Processes,
+    free_port,
+    parse_h2load,
+    parse_h2load_log,
+    parse_wrk,
+    plan_placement,
+    run_tool,
+    summarize_log,
+    tree_cpu_seconds,
+    tree_rss_bytes,
+    wait_for_http,
+    wait_for_port,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+BODY_SIZE = 1024
+BODY_PATH = "/1k.bin"
+
+# --------------------------------------------------------------------------
+# settings
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    duration_s: float = 5.0  # each throughput run and each latency run
+    warmup_s: float = 1.0
+    wrk_connections: int = 32
+    h2_clients: int = 8
+    h2_streams: int = 4  # h2_clients x h2_streams = wrk_connections in flight
+    latency_rps: int = 1000
+    latency_clients: int = 10
+    paths: tuple[str, ...] = ()
+    protocols: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.duration_s <= 0 or self.warmup_s < 0:
+            raise ValueError("durations must be positive")
+        if self.latency_rps % self.latency_clients:
+            raise ValueError("latency_rps must be a multiple of latency_clients")
+
+
+# --------------------------------------------------------------------------
+# pure: configuration files
+# --------------------------------------------------------------------------
+
+
+def nginx_config(workdir: Path, http1_port: int, h2c_port: int) -> str:
+    tmp = workdir / "nginx-tmp"
+    return f"""\
+daemon off;
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    default_type application/octet-stream;
+    # sendfile splits h2 HEADERS and DATA into two writes and Nagle then
+    # holds a paced single-stream h2c response for ~40 ms (delayed ACK)
+    sendfile off;
+    tcp_nodelay on;
+    keepalive_timeout 75s;
+    keepalive_requests 10000000;
+    http2_max_requests 10000000;
+    server {{ listen {LOOPBACK}:{http1_port}; root {workdir}/www; }}
+    server {{ listen {LOOPBACK}:{h2c_port} http2; root {workdir}/www; }}
+}}
+"""
+
+
+def haproxy_config(listen_port: int, upstream: HostPort, protocol: str) -> str:
+    """One thread, HTTP mode, keep-alive and connection reuse towards nginx."""
+    proto = " proto h2" if protocol == "h2c" else ""
+    return f"""\
+global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+
+frontend bench
+    bind {LOOPBACK}:{listen_port}{proto}
+    default_backend nginx
+
+backend nginx
+    server nginx {upstream[0]}:{upstream[1]}{proto}
+"""
+
+
+# --------------------------------------------------------------------------
+# paths: a table of launchers
+# --------------------------------------------------------------------------
+
+
+class Skip(Exception):
+    """This path cannot run here; the reason is printed in its row."""
+
+
+@dataclass(frozen=True)
+class Hop:
+    """A running path: where clients connect, and whose CPU and RSS we count."""
+
+    front: HostPort
+    pids: tuple[int, ...] = ()
+
+
+@dataclass
+class Ctx:
+    procs: Processes
+    workdir: Path
+    placement: Placement
+    settings: Settings
+
+
+# (ctx, protocol, upstream) -> Hop; may raise Skip. Processes go through
+# ctx.procs so they are stopped after the path is measured (and on any error).
+Launcher = Callable[[Ctx, str, HostPort], Hop]
+
+
+def launch_direct(ctx: Ctx, protocol: str, upstream: HostPort) -> Hop:
+    return Hop(front=upstream)
+
+
+def launch_haproxy(ctx: Ctx, protocol: str, upstream: HostPort) -> Hop:
+    exe = shutil.which("haproxy")
+    if not exe:
+        raise Skip("haproxy not installed (apt-get install haproxy)")
+    port = free_port()
+    cfg = ctx.workdir / f"haproxy-{protocol}.cfg"
+    cfg.write_text(haproxy_config(port, upstream, protocol))
+    proc = ctx.procs.start(
+        f"haproxy-{protocol}", [exe, "-db", "-f", str(cfg)], cpus=ctx.placement.proxy
+    )
+    wait_for_port((LOOPBACK, port), proc=proc)
+    return Hop(front=(LOOPBACK, port), pids=(proc.pid,))
+
+
+def synchro_command() -> list[str]:
+    script = Path(sys.executable).with_name("synchro-proxy")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("synchro-proxy")
+    return [found] if found else [sys.executable, "-m", "proxy.main"]
+
+
+def synchro_launcher(extra_args: Sequence[str] = (), concurrency: int = 1) -> Launcher:
+    """A launcher for synchro-proxy with --static-destination; variants add flags."""
+
+    def launch(ctx: Ctx, protocol: str, upstream: HostPort) -> Hop:
+        ports = {name: free_port() for name in ("outbound", "inbound", "status")}
+        argv = [
+            *synchro_command(),
+            f"--outbound-listen={LOOPBACK}:{ports['outbound']}",
+            f"--inbound-listen={LOOPBACK}:{ports['inbound']}",
+            f"--status-listen={LOOPBACK}:{ports['status']}",
+            "--admin-listen=",
+            f"--static-destination={upstream[0]}:{upstream[1]}",
+            f"--concurrency={concurrency}",
+            "--log-level=warning",
+            *extra_args,
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCHRO_")}
+        proc = ctx.procs.start(
+            f"synchro-{protocol}", argv, cpus=ctx.placement.proxy, cwd=REPO, env=env
+        )
+        try:
+            wait_for_http((LOOPBACK, ports["status"]), "/healthz/ready", proc=proc, timeout_s=20)
+        except BenchError as exc:
+            ctx.procs.stop(proc)
+            raise Skip(f"synchro-proxy not runnable: {first_line(str(exc))}") from exc
+        return Hop(front=(LOOPBACK, ports["outbound"]), pids=(proc.pid,))
+
+    return launch
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    name: str
+    describe: str
+    launch: Launcher
+    cpu_baseline: str | None = None  # path whose CPU/request this one is compared to
+
+
+PATHS: tuple[PathSpec, ...] = (
+    PathSpec("direct", "client -> nginx", launch_direct),
+    PathSpec("haproxy", "HAProxy 2.x, nbthread 1, http mode", launch_haproxy),
+    PathSpec(
+        "synchro",
+        "synchro-proxy, 1 worker, --static-destination",
+        synchro_launcher(),
+        cpu_baseline="haproxy",
+    ),
+)
+
+
+# --------------------------------------------------------------------------
+# protocols: how to load a front address
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    throughput: Callable[[Settings, HostPort, float], list[str]]  # argv for a timed run
+    parse: Callable[[str], LoadResult]  # that run's output
+    h1: bool  # h2load needs --h1 for the paced latency run and the probe
+
+
+def wrk_argv(s: Settings, front: HostPort, seconds: float) -> list[str]:
+    return [
+        "wrk",
+        "-t1",
+        f"-c{s.wrk_connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout=5s",
+        "--latency",
+        url(front),
+    ]
+
+
+def h2load_argv(s: Settings, front: HostPort, seconds: float) -> list[str]:
+    return [
+        "h2load",
+        "-t1",
+        f"-c{s.h2_clients}",
+        f"-m{s.h2_streams}",
+        f"-D{max(1, round(seconds))}",
+        url(front),
+    ]
+
+
+PROTOCOLS: tuple[Protocol, ...] = (
+    Protocol("http1", wrk_argv, parse_wrk, h1=True),
+    Protocol("h2c", h2load_argv, parse_h2load, h1=False),
+)
+
+
+def url(front: HostPort) -> str:
+    return f"http://{front[0]}:{front[1]}{BODY_PATH}"
+
+
+def paced_argv(s: Settings, protocol: Protocol, front: HostPort, log_file: Path) -> list[str]:
+    """h2load at a fixed total rate: N connections, each at rate/N, started 1 ms apart.
+
+    The stagger spreads the connections' timers so arrivals are even instead
+    of bursts of N at once every N/rate seconds.
+    """
+    per_client = s.latency_rps // s.latency_clients
+    return [
+        "h2load",
+        *(["--h1"] if protocol.h1 else []),
+        "-t1",
+        f"-c{s.latency_clients}",
+        "-m1",
+        "-r1",
+        "--rate-period=1ms",
+        f"--rps={per_client}",
+        f"-n{round(s.latency_rps * s.duration_s)}",
+        f"--log-file={log_file}",
+        url(front),
+    ]
+
+
+def probe_argv(protocol: Protocol, front: HostPort) -> list[str]:
+    return ["h2load", *(["--h1"] if protocol.h1 else []), "-n1", "-c1", url(front)]
+
+
+# --------------------------------------------------------------------------
+# results and targets (pure)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    path: str
+    protocol: str
+    skipped: str = ""
+    rps: float | None = None
+    requests: int | None = None
+    errors: int | None = None
+    cpu_us_per_req: float | None = None
+    cpu_baseline: str | None = None
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+    latency_rps: float | None = None
+    latency_failed: int | None = None
+    rss_mb: float | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    label: str
+    path: str
+    protocol: str
+    metric: str  # one of METRICS
+    limit: float
+    baseline: str | None = None  # path the metric is relative to
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: Target
+    measured: float | None
+    passed: bool | None  # None: could not be measured
+    note: str = ""
+
+
+def _find(rows: Sequence[Row], path: str, protocol: str) -> Row | None:
+    for row in rows:
+        if row.path == path and row.protocol == protocol and not row.skipped:
+            return row
+    return None
+
+
+def cpu_ratio(row: Row, base: Row | None) -> float | None:
+    if base is None or row.cpu_us_per_req is None or not base.cpu_us_per_req:
+        return None
+    return row.cpu_us_per_req / base.cpu_us_per_req
+
+
+def p99_added_ms(row: Row, base: Row | None) -> float | None:
+    if base is None or row.latency_p99_ms is None or base.latency_p99_ms is None:
+        return None
+    return row.latency_p99_ms - base.latency_p99_ms
+
+
+def rss(row: Row, base: Row | None) -> float | None:
+    return row.rss_mb
+
+
+METRICS: dict[str, tuple[Callable[[Row, Row | None], float | None], str]] = {
+    "cpu_ratio": (cpu_ratio, "x"),
+    "p99_added_ms": (p99_added_ms, " ms"),
+    "rss_mb": (rss, " MB"),
+}
+
+
+TARGETS: tuple[Target, ...] = tuple(
+    t
+    for proto in ("http1", "h2c")
+    for t in (
+        Target("CPU/request vs HAProxy", "synchro", proto, "cpu_ratio", 1.5, "haproxy"),
+        Target("p99 added at 1,000 req/s", "synchro", proto, "p99_added_ms", 0.5, "direct"),
+        Target("RSS after the run", "synchro", proto, "rss_mb", 40.0),
+    )
+)
+
+
+def evaluate(rows: Sequence[Row], targets: Sequence[Target]) -> list[Verdict]:
+    verdicts = []
+    for t in targets:
+        row = _find(rows, t.path, t.protocol)
+        base = _find(rows, t.baseline, t.protocol) if t.baseline else None
+        skipped = next((r.skipped for r in rows if r.path == t.path and r.skipped), "")
+        if row is None:
+            verdicts.append(Verdict(t, None, None, skipped or "not measured"))
+            continue
+        value = METRICS[t.metric][0](row, base)
+        if value is None:
+            verdicts.append(Verdict(t, None, None, "not measured"))
+        else:
+            verdicts.append(Verdict(t, value, value <= t.limit))
+    return verdicts
+
+
+def rate_missed(row: Row, paced_rps: float) -> bool:
+    return row.latency_rps is not None and row.latency_rps < 0.9 * paced_rps
+
+
+def _fmt(value: float | int | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render(rows: Sequence[Row], verdicts: Sequence[Verdict], header: str, paced_rps: float) -> str:
+    cols = [
+        ("path", "<9"),
+        ("proto", "<6"),
+        ("req/s", ">9"),
+        ("errors", ">6"),
+        ("CPU µs/req", ">10"),
+        ("CPU ratio", ">16"),
+        ("p50 ms", ">7"),
+        ("p99 ms", ">7"),
+        ("p99 added", ">9"),
+        ("paced req/s", ">11"),
+        ("RSS MB", ">7"),
+    ]
+    lines = [header, ""]
+    lines.append("  ".join(format(name, spec) for name, spec in cols))
+    for row in rows:
+        if row.skipped:
+            lines.append(f"{row.path:<9}  {row.protocol:<6}  skipped: {row.skipped}")
+            continue
+        base = _find(rows, row.cpu_baseline, row.protocol) if row.cpu_baseline else None
+        ratio = cpu_ratio(row, base)
+        ratio_s = f"{ratio:.2f}x {row.cpu_baseline}" if ratio is not None else "-"
+        direct = _find(rows, "direct", row.protocol)
+        added = p99_added_ms(row, direct) if row.path != "direct" else None
+        errors = (row.errors or 0) + (row.latency_failed or 0)
+        cells = [
+            row.path,
+            row.protocol,
+            _fmt(row.rps, ".0f"),
+            str(errors),
+            _fmt(row.cpu_us_per_req, ".1f"),
+            ratio_s,
+            _fmt(row.latency_p50_ms, ".3f"),
+            _fmt(row.latency_p99_ms, ".3f"),
+            _fmt(added, "+.3f"),
+            _fmt(row.latency_rps, ".0f") + ("*" if rate_missed(row, paced_rps) else ""),
+            _fmt(row.rss_mb, ".1f"),
+        ]
+        lines.append("  ".join(format(c, spec) for c, (_n, spec) in zip(cells, cols, strict=True)))
+    if any(rate_missed(r, paced_rps) for r in rows):
+        lines.append(
+            f"* the paced run fell more than 10% short of {paced_rps:g} req/s: the path "
+            "could not keep up, and its latency figures hide the queueing"
+        )
+    lines += ["", "targets (issue 3):"]
+    for v in verdicts:
+        t = v.target
+        unit = METRICS[t.metric][1]
+        what = f"{t.path} {t.protocol} {t.label} <= {t.limit:g}{unit}"
+        if v.passed is None:
+            lines.append(f"  {what:<52} measured -          n/a  ({v.note})")
+        else:
+            got = f"{v.measured:.2f}{unit}"
+            lines.append(f"  {what:<52} measured {got:<10} {'pass' if v.passed else 'MISS'}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# running
+# --------------------------------------------------------------------------
+
+
+def first_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else text.strip()
+
+
+def start_nginx(ctx: Ctx) -> tuple[HostPort, HostPort]:
+    exe = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(exe).exists():
+        raise BenchError("nginx not installed (apt-get install nginx-light)")
+    www = ctx.workdir / "www"
+    (ctx.workdir / "nginx-tmp").mkdir()
+    www.mkdir()
+    (www / BODY_PATH.lstrip("/")).write_bytes(b"x" * BODY_SIZE)
+    # nginx workers drop to `nobody` when started as root
+    for p in (ctx.workdir, www, www / BODY_PATH.lstrip("/")):
+        p.chmod(0o755)
+    h1, h2 = free_port(), free_port()
+    conf = ctx.workdir / "nginx.conf"
+    conf.write_text(nginx_config(ctx.workdir, h1, h2))
+    proc = ctx.procs.start(
+        "nginx",
+        [exe, "-e", "stderr", "-p", str(ctx.workdir), "-c", str(conf)],
+        cpus=ctx.placement.backend,
+    )
+    wait_for_http((LOOPBACK, h1), BODY_PATH, proc=proc)
+    wait_for_port((LOOPBACK, h2), proc=proc)
+    return (LOOPBACK, h1), (LOOPBACK, h2)
+
+
+def probe(ctx: Ctx, protocol: Protocol, front: HostPort) -> None:
+    """One request through the path, so a broken proxy is a clear Skip, not a zero."""
+    try:
+        res = parse_h2load(run_tool(probe_argv(protocol, front), cpus=frozenset(), timeout_s=15))
+    except BenchError as exc:
+        raise Skip(f"probe request failed: {first_line(str(exc))}") from exc
+    if res.requests != 1 or res.errors or res.non_2xx:
+        raise Skip(f"probe request through {front[0]}:{front[1]} did not get a 2xx")
+
+
+def measure(ctx: Ctx, spec: PathSpec, protocol: Protocol, upstream: HostPort) -> Row:
+    s = ctx.settings
+    load = ctx.placement.load
+    hop = spec.launch(ctx, protocol.name, upstream)
+    probe(ctx, protocol, hop.front)
+    if s.warmup_s > 0:
+        run_tool(protocol.throughput(s, hop.front, s.warmup_s), cpus=load, timeout_s=60)
+
+    cpu0 = tree_cpu_seconds(hop.pids) if hop.pids else 0.0
+    out = run_tool(
+        protocol.throughput(s, hop.front, s.duration_s), cpus=load, timeout_s=s.duration_s + 60
+    )
+    cpu1 = tree_cpu_seconds(hop.pids) if hop.pids else 0.0
+    result = protocol.parse(out)
+
+    log_file = ctx.workdir / f"latency-{spec.name}-{protocol.name}.log"
+    run_tool(
+        paced_argv(s, protocol, hop.front, log_file),
+        cpus=load,
+        timeout_s=3 * s.duration_s + 60,
+    )
+    lat: LatencySummary = summarize_log(parse_h2load_log(log_file.read_text()))
+    rss_b = tree_rss_bytes(hop.pids) if hop.pids else None
+
+    cpu_us = None
+    if hop.pids and result.requests:
+        cpu_us = (cpu1 - cpu0) * 1e6 / result.requests
+    return Row(
+        path=spec.name,
+        protocol=protocol.name,
+        rps=result.rps,
+        requests=result.requests,
+        errors=result.errors + result.non_2xx,
+        cpu_us_per_req=cpu_us,
+        cpu_baseline=spec.cpu_baseline,
+        latency_p50_ms=lat.p50_us / 1000,
+        latency_p99_ms=lat.p99_us / 1000,
+        latency_rps=lat.achieved_rps,
+        latency_failed=lat.failed,
+        rss_mb=None if rss_b is None else rss_b / 2**20,
+    )
+
+
+def check_tools() -> None:
+    missing = [t for t in ("wrk", "h2load") if not shutil.which(t)]
+    if missing:
+        raise BenchError(
+            f"missing load generator(s): {', '.join(missing)} (apt-get install wrk nghttp2-client)"
+        )
+
+
+def select(items: Sequence[Any], names: Sequence[str], what: str) -> list[Any]:
+    if not names:
+        return list(items)
+    known = {i.name for i in items}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise BenchError(
+            f"unknown {what}: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
+    return [i for i in items if i.name in names]
+
+
+@contextlib.contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit so the process cleanup below runs."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def run(settings: Settings, log: Callable[[str], None]) -> tuple[list[Row], Placement]:
+    check_tools()
+    placement = plan_placement(sorted(os.sched_getaffinity(0)))
+    paths = select(PATHS, settings.paths, "path")
+    protocols = select(PROTOCOLS, settings.protocols, "protocol")
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="synchro-bench-") as tmp, Processes(Path(tmp)) as procs:
+        workdir = Path(tmp)
+        base = Ctx(procs, workdir, placement, settings)
+        h1, h2 = start_nginx(base)
+        upstreams = {"http1": h1, "h2c": h2}
+        for spec in paths:
+            for protocol in protocols:
+                log(f"measuring {spec.name} / {protocol.name} ...")
+                # each path's processes live in their own group, stopped before the next
+                with Processes(workdir) as path_procs:
+                    ctx = replace(base, procs=path_procs)
+                    try:
+                        rows.append(measure(ctx, spec, protocol, upstreams[protocol.name]))
+                    except Skip as exc:
+                        log(f"  skipped: {exc}")
+                        rows.append(Row(spec.name, protocol.name, skipped=str(exc)))
+                    except BenchError as exc:
+                        # a proxy that dies mid-run is a result, not a crash of the bench
+                        log(f"  failed: {exc}")
+                        rows.append(
+                            Row(spec.name, protocol.name, skipped=f"failed: {first_line(str(exc))}")
+                        )
+    return rows, placement
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument(
+        "--duration", type=float, default=None, help="seconds per measurement (default 5)"
+    )
+    p.add_argument("--quick", action="store_true", help="2 s measurements, short warm-up")
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="PATH",
+        help="write results as JSON to PATH (or stdout; the table then goes to stderr)",
+    )
+    p.add_argument("--path", action="append", default=[], help="only this path (repeatable)")
+    p.add_argument(
+        "--protocol", action="append", default=[], help="only this protocol (repeatable)"
+    )
+    args = p.parse_args(argv)
+    duration = args.duration if args.duration is not None else (2.0 if args.quick else 5.0)
+    settings = Settings(
+        duration_s=duration,
+        warmup_s=0.5 if args.quick else 1.0,
+        paths=tuple(args.path),
+        protocols=tuple(args.protocol),
+    )
+    return settings, args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings, args = parse_args(argv)
+    to_stdout_json = args.json == "-"
+    out = sys.stderr if to_stdout_json else sys.stdout
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    started = time.monotonic()
+    try:
+        with terminate_on_sigterm():
+            rows, placement = run(settings, log)
+    except BenchError as exc:
+        print(f"bench/proxy.py: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench/proxy.py: interrupted; all processes stopped", file=sys.stderr)
+        return 130
+    verdicts = evaluate(rows, TARGETS)
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    pin = (
+        f"load+nginx on CPU {sorted(placement.load)}, proxy on CPU {sorted(placement.proxy)}"
+        if placement.pinned
+        else "not pinned (one CPU)"
+    )
+    header = (
+        f"bench/proxy.py  {when}  {os.cpu_count()} CPUs  {pin}\n"
+        f"{settings.duration_s:g} s per measurement; CPU from /proc/<pid>/stat during the wrk/h2load run; "
+        f"latency at {settings.latency_rps} req/s paced by h2load"
+    )
+    print(render(rows, verdicts, header, settings.latency_rps), file=out)
+    print(f"\n(total {time.monotonic() - started:.0f} s)", file=out, flush=True)
+
+    if args.json is not None:
+        doc = to_json(rows, verdicts, settings, placement, when, argv)
+        text = json.dumps(doc, indent=2)
+        if to_stdout_json:
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def to_json(
+    rows: Sequence[Row],
+    verdicts: Sequence[Verdict],
+    settings: Settings,
+    placement: Placement,
+    when: str,
+    argv: Sequence[str] | None,
+) -> dict[str, Any]:
+    command = ["python3", "bench/proxy.py", *(sys.argv[1:] if argv is None else argv)]
+    return {
+        "date": when,
+        "command": shlex.join(command),
+        "host": {
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+        },
+        "placement": {k: sorted(v) for k, v in asdict(placement).items()},
+        "settings": asdict(settings),
+        "paths": {p.name: p.describe for p in PATHS},
+        "results": [asdict(r) for r in rows],
+        "targets": [
+            {
+                **asdict(v.target),
+                "measured": v.measured,
+                "passed": v.passed,
+                "note": v.note,
+            }
+            for v in verdicts
+        ],
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
