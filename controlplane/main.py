@@ -17,15 +17,14 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import uvicorn
-import yaml
 
 from controlplane import webhook_tls
 from proxy import ports
 from webhook.app import create_app
 from webhook.config import ConfigError, InjectorConfig
+from webhook.config import load as load_injector_config
 
 log = logging.getLogger(__name__)
 
@@ -91,22 +90,9 @@ def load_mesh_config(path: Path | None) -> InjectorConfig:
     if path is None:
         return InjectorConfig()
     try:
-        if path.is_dir():
-            # A mounted ConfigMap: one file per key (skip the ..data symlink farm).
-            data: Any = {
-                p.name: p.read_text()
-                for p in sorted(path.iterdir())
-                if p.is_file() and not p.name.startswith(".")
-            }
-        else:
-            data = yaml.safe_load(path.read_text()) or {}
-            if isinstance(data, dict) and data.get("kind") == "ConfigMap":
-                data = data.get("data") or {}
-        if not isinstance(data, dict):
-            raise ControllerError(f"{path}: expected a mapping of ConfigMap data")
-        return InjectorConfig.from_configmap_data(data)
-    except (OSError, yaml.YAMLError, ConfigError) as exc:
-        raise ControllerError(f"--mesh-config {path}: {exc}") from exc
+        return load_injector_config(path)
+    except ConfigError as exc:
+        raise ControllerError(f"--mesh-config {exc}") from exc
 
 
 def in_cluster() -> bool:

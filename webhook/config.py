@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -175,3 +176,28 @@ def _parse_field(key: str, target: str, text: str) -> Any:
         return spec.parse(text)
     except ValueError:
         raise ConfigError(f"{key}: {text!r} is not valid; expected {spec.accepted}") from None
+
+
+def load(path: Path) -> InjectorConfig:
+    """Read ConfigMap `synchro-config` from `path`: a mounted directory (one file
+    per key), a YAML mapping of its data, or the ConfigMap manifest itself."""
+    try:
+        if path.is_dir():
+            # Skip the `..data` symlink farm of a mounted ConfigMap.
+            data: Any = {
+                p.name: p.read_text()
+                for p in sorted(path.iterdir())
+                if p.is_file() and not p.name.startswith(".")
+            }
+        else:
+            data = yaml.safe_load(path.read_text()) or {}
+            if isinstance(data, dict) and data.get("kind") == "ConfigMap":
+                data = data.get("data") or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of ConfigMap data")
+    try:
+        return InjectorConfig.from_configmap_data(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
