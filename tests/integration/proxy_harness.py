@@ -165,10 +165,16 @@ def start_proxy(
     env: Mapping[str, str] | None = None,
     log_level: str = "info",
     ready_timeout: float = 20.0,
+    wrapper: Sequence[str] = (),
 ) -> RunningProxy:
-    """Start a proxy on free loopback ports and wait until /healthz/ready is 200."""
+    """Start a proxy on free loopback ports and wait until /healthz/ready is 200.
+
+    `extra_args` come last, so they override the listen flags if needed;
+    `wrapper` prefixes the command (e.g. `setpriv --regid=1337 --clear-groups`).
+    """
     ports = {name: free_port() for name in ("outbound", "inbound", "status", "admin")}
     args = [
+        *wrapper,
         *proxy_command(),
         f"--outbound-listen={LOOPBACK}:{ports['outbound']}",
         f"--inbound-listen={LOOPBACK}:{ports['inbound']}",
