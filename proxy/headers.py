@@ -1,0 +1,196 @@
+"""HTTP/1.x header rules for forwarding: pure functions, bytes in, bytes out.
+
+The HTTP/1.1 handler parses with httptools, which hands headers over as
+`(name, value)` byte pairs in wire order and case. These functions decide what
+is forwarded (hop-by-hop fields removed per RFC 9110 section 7.6.1, including
+the fields a `Connection` header names; `x-request-id` added when absent) and
+how a message body is framed on the other side. They return flat lists of byte
+pieces so that the adapter writes a whole head with a single `b"".join`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Final
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 7.6.1 plus the historic `proxy-connection` and `keep-alive` that
+# clients still send. `trailer` is not among them: trailers are forwarded, and
+# so is the field announcing them.
+HOP_BY_HOP: Final = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade"}
+)
+REQUEST_ID: Final = b"x-request-id"
+_SEP: Final = b": "
+_CRLF: Final = b"\r\n"
+
+
+def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
+    """The lowercased options of one or more `Connection` field values."""
+    out: set[bytes] = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                out.add(token)
+    return frozenset(out)
+
+
+@dataclass(slots=True)
+class RequestMeta:
+    """What the handler needs to know about a request's head, found in one pass."""
+
+    content_length: int | None = None
+    chunked: bool = False
+    expect_continue: bool = False
+    # The `Upgrade` value when the client asked for it (`Connection: upgrade`).
+    upgrade: bytes | None = None
+    # The client announced it accepts trailers (`TE: trailers`).
+    te_trailers: bool = False
+    has_host: bool = False
+    request_id: bytes = b""
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+def _scan(headers: Headers) -> tuple[list[bytes], frozenset[bytes]]:
+    """Lowercased names (same order) and the `Connection` options."""
+    lowered = [name.lower() for name, _ in headers]
+    conn_values = [headers[i][1] for i, name in enumerate(lowered) if name == b"connection"]
+    return lowered, connection_tokens(conn_values) if conn_values else frozenset()
+
+
+def forward_request(
+    headers: Headers,
+    *,
+    new_request_id: Callable[[], bytes],
+    default_host: bytes,
+) -> tuple[list[bytes], RequestMeta]:
+    """Header pieces to send upstream (without framing/connection fields) and the meta.
+
+    `new_request_id` is called only when the request carries no `x-request-id`.
+    `default_host` fills in `Host` for HTTP/1.0 clients that omit it, since the
+    upstream side always speaks HTTP/1.1.
+    """
+    lowered, tokens = _scan(headers)
+    meta = RequestMeta()
+    drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
+    out: list[bytes] = []
+    for (name, value), low in zip(headers, lowered, strict=True):
+        if low in drop:
+            if low == b"transfer-encoding":
+                meta.chunked = True
+            elif low == b"upgrade" and b"upgrade" in tokens:
+                meta.upgrade = value
+            elif low == b"te" and b"trailers" in connection_tokens((value,)):
+                meta.te_trailers = True
+            continue
+        if low == b"content-length":
+            meta.content_length = int(value)
+        elif low == b"expect":
+            meta.expect_continue = value.strip().lower() == b"100-continue"
+        elif low == REQUEST_ID:
+            meta.request_id = value
+        elif low == b"host":
+            meta.has_host = True
+        out += (name, _SEP, value, _CRLF)
+    if not meta.has_host:
+        out += (b"Host", _SEP, default_host, _CRLF)
+    if not meta.request_id:
+        meta.request_id = new_request_id()
+        out += (b"x-request-id", _SEP, meta.request_id, _CRLF)
+    return out, meta
+
+
+@dataclass(slots=True)
+class ResponseMeta:
+    content_length: int | None = None
+    chunked: bool = False
+    upgrade: bytes | None = None
+
+
+def forward_response(headers: Headers) -> tuple[list[bytes], ResponseMeta]:
+    """Header pieces to send downstream (without framing/connection fields) and the meta."""
+    lowered, tokens = _scan(headers)
+    meta = ResponseMeta()
+    drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
+    out: list[bytes] = []
+    lengths: list[tuple[bytes, bytes]] = []
+    for (name, value), low in zip(headers, lowered, strict=True):
+        if low in drop:
+            if low == b"transfer-encoding":
+                meta.chunked = True
+            elif low == b"upgrade":
+                meta.upgrade = value
+            continue
+        if low == b"content-length":
+            # Decided below: with chunked framing the length must not be forwarded.
+            meta.content_length = int(value)
+            lengths.append((name, value))
+            continue
+        out += (name, _SEP, value, _CRLF)
+    if lengths and not meta.chunked:
+        name, value = lengths[0]
+        out += (name, _SEP, value, _CRLF)
+    elif meta.chunked:
+        meta.content_length = None
+    return out, meta
+
+
+def trailer_block(trailers: Headers | None) -> bytes:
+    """The end of a chunked body: last chunk, trailer fields, blank line."""
+    if not trailers:
+        return b"0\r\n\r\n"
+    pieces = [b"0\r\n"]
+    for name, value in trailers:
+        if name.lower() not in HOP_BY_HOP:
+            pieces += (name, _SEP, value, _CRLF)
+    pieces.append(_CRLF)
+    return b"".join(pieces)
+
+
+class Framing(enum.Enum):
+    """How a message body is delimited on the wire."""
+
+    NONE = "none"  # no body at all
+    LENGTH = "length"  # Content-Length
+    CHUNKED = "chunked"
+    CLOSE = "close"  # until the connection closes (responses only)
+
+
+def body_absent(status: int, head_request: bool) -> bool:
+    """RFC 9112 6.3: responses that never carry a body whatever their headers say."""
+    return head_request or status < 200 or status in (204, 304)
+
+
+def upstream_response_framing(status: int, head_request: bool, meta: ResponseMeta) -> Framing:
+    """How the upstream delimits the body it is sending us."""
+    if body_absent(status, head_request):
+        return Framing.NONE
+    if meta.chunked:
+        return Framing.CHUNKED
+    if meta.content_length is not None:
+        return Framing.LENGTH
+    return Framing.CLOSE
+
+
+def downstream_response_framing(upstream: Framing, client_http11: bool) -> Framing:
+    """How we delimit that body for the client.
+
+    A length passes through; otherwise HTTP/1.1 clients get chunks (so the
+    connection stays reusable even behind a close-delimited upstream) and
+    HTTP/1.0 clients get the body delimited by closing the connection.
+    """
+    if upstream in (Framing.NONE, Framing.LENGTH):
+        return upstream
+    return Framing.CHUNKED if client_http11 else Framing.CLOSE
+
+
+def chunk(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """One chunk of a chunked body, as pieces."""
+    return (b"%x\r\n" % len(data), data, _CRLF)

@@ -1,0 +1,274 @@
+"""Per-upstream pool of idle HTTP/1.1 connections (keep-alive), bounded, with idle expiry.
+
+`IdleSet` is the pure core: which idle connection to hand out, which ones have
+expired, whether one more fits, all with the clock passed in. `Pool` is the
+asyncio adapter that connects, closes and runs one expiry timer.
+
+Upstream failures are the `UpstreamError` family; the HTTP handlers turn them
+into statuses in one table (502 for connect failures and broken connections,
+504 for timeouts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+from proxy.conn import Address, ProxyContext
+
+log = logging.getLogger(__name__)
+
+STREAM_LIMIT: Final = 256 * 1024
+
+
+class UpstreamError(Exception):
+    """The upstream side failed; the handler maps the subclass to a status."""
+
+
+class ConnectFailed(UpstreamError):
+    """Could not open a connection (refused, unreachable, connect timeout)."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer in time."""
+
+
+class UpstreamBroken(UpstreamError):
+    """The upstream closed, reset, or sent something that is not HTTP."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    idle_timeout: float = 60.0
+    connect_timeout: float = 5.0
+    max_idle_per_upstream: int = 64
+    max_idle_total: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.idle_timeout <= 0 or self.connect_timeout <= 0:
+            raise ValueError("pool timeouts must be positive")
+        if self.max_idle_per_upstream < 0 or self.max_idle_total < 0:
+            raise ValueError("pool bounds must not be negative")
+
+
+T = TypeVar("T")
+
+
+class IdleSet(Generic[T]):
+    """Idle connections per upstream; newest first out (keeps the warm ones warm)."""
+
+    def __init__(self, settings: PoolSettings) -> None:
+        self.settings = settings
+        # Per key: [(idle_since, item)], oldest first.
+        self._idle: dict[Any, list[tuple[float, T]]] = {}
+        self.total = 0
+
+    def take(self, key: Any, now: float) -> tuple[T | None, list[T]]:
+        """The newest unexpired idle item for `key`, and expired ones to close."""
+        stack = self._idle.get(key)
+        if not stack:
+            return None, []
+        since, item = stack.pop()
+        self.total -= 1
+        if now - since < self.settings.idle_timeout:
+            if not stack:
+                del self._idle[key]
+            return item, []
+        # The newest has expired, so all older ones have too.
+        expired = [item, *(i for _, i in stack)]
+        self.total -= len(stack)
+        del self._idle[key]
+        return None, expired
+
+    def put(self, key: Any, item: T, now: float) -> bool:
+        """Keep `item` idle; False when the bounds say close it instead."""
+        stack = self._idle.setdefault(key, [])
+        if (
+            len(stack) >= self.settings.max_idle_per_upstream
+            or self.total >= self.settings.max_idle_total
+        ):
+            if not stack:
+                del self._idle[key]
+            return False
+        stack.append((now, item))
+        self.total += 1
+        return True
+
+    def discard(self, key: Any, item: T) -> bool:
+        stack = self._idle.get(key)
+        if not stack:
+            return False
+        for i, (_, it) in enumerate(stack):
+            if it is item:
+                del stack[i]
+                self.total -= 1
+                if not stack:
+                    del self._idle[key]
+                return True
+        return False
+
+    def expire(self, now: float) -> tuple[list[T], float | None]:
+        """Remove expired items; also the time the next one expires (None if empty)."""
+        expired: list[T] = []
+        timeout = self.settings.idle_timeout
+        next_at: float | None = None
+        for key in list(self._idle):
+            stack = self._idle[key]
+            n = 0
+            while n < len(stack) and now - stack[n][0] >= timeout:
+                n += 1
+            if n:
+                expired += (item for _, item in stack[:n])
+                del stack[:n]
+                self.total -= n
+            if stack:
+                at = stack[0][0] + timeout
+                next_at = at if next_at is None or at < next_at else next_at
+            else:
+                del self._idle[key]
+        return expired, next_at
+
+    def drain(self) -> list[T]:
+        items = [item for stack in self._idle.values() for _, item in stack]
+        self._idle.clear()
+        self.total = 0
+        return items
+
+
+class UpstreamConnection:
+    """One connection to an upstream; `codec` is protocol state the handler attaches."""
+
+    __slots__ = ("address", "codec", "reader", "requests", "writer")
+
+    def __init__(
+        self, address: Address, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.address = address
+        self.reader = reader
+        self.writer = writer
+        self.codec: Any = None
+        # Requests sent on it; > 0 means it came from the pool (it may have gone stale).
+        self.requests = 0
+
+    def usable(self) -> bool:
+        return not self.writer.is_closing() and not self.reader.at_eof()
+
+    def close(self) -> None:
+        if not self.writer.is_closing():
+            self.writer.close()
+
+
+async def connect(address: Address, timeout: float) -> UpstreamConnection:
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(
+                address.host, address.port, limit=STREAM_LIMIT
+            )
+    except TimeoutError as exc:
+        raise ConnectFailed(f"connect to {address} timed out after {timeout}s") from exc
+    except OSError as exc:
+        raise ConnectFailed(f"connect to {address}: {exc.strerror or exc}") from exc
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return UpstreamConnection(address, reader, writer)
+
+
+class Pool:
+    """Idle keep-alive connections per upstream address, closed after `idle_timeout`."""
+
+    def __init__(self, settings: PoolSettings, clock: Callable[[], float] | None = None) -> None:
+        self.settings = settings
+        self._idle: IdleSet[UpstreamConnection] = IdleSet(settings)
+        self._clock = clock
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self.closed = False
+        self.connects = 0
+        self.reuses = 0
+
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+
+    @property
+    def idle_count(self) -> int:
+        return self._idle.total
+
+    async def acquire(self, address: Address) -> UpstreamConnection:
+        """A pooled connection to `address` if one is idle and alive, else a new one."""
+        now = self._now()
+        while True:
+            conn, expired = self._idle.take(address, now)
+            for old in expired:
+                old.close()
+            if conn is None:
+                break
+            if conn.usable():
+                self.reuses += 1
+                return conn
+            conn.close()
+        self.connects += 1
+        return await connect(address, self.settings.connect_timeout)
+
+    async def connect(self, address: Address) -> UpstreamConnection:
+        """A new connection that will not come from the pool (retries of stale ones, tunnels)."""
+        self.connects += 1
+        return await connect(address, self.settings.connect_timeout)
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """Give `conn` back after a complete exchange, or close it."""
+        if not reusable or self.closed or not conn.usable():
+            conn.close()
+            return
+        if not self._idle.put(conn.address, conn, self._now()):
+            conn.close()
+            return
+        self._schedule(self._now() + self.settings.idle_timeout)
+
+    def _schedule(self, at: float) -> None:
+        if self._timer is not None and self._timer_at <= at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at = at
+        self._timer = loop.call_at(at, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        # Timers may fire up to a clock tick early; do not spin on that.
+        expired, next_at = self._idle.expire(self._now() + 0.001)
+        for conn in expired:
+            conn.close()
+        if next_at is not None:
+            self._schedule(next_at)
+
+    def close(self) -> None:
+        """Close every idle connection and pool nothing from now on."""
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for conn in self._idle.drain():
+            conn.close()
+
+
+_pools: weakref.WeakKeyDictionary[ProxyContext, Pool] = weakref.WeakKeyDictionary()
+
+
+def pool_for(ctx: ProxyContext) -> Pool:
+    """The process's HTTP/1.1 pool for `ctx`, made on first use from its settings."""
+    pool = _pools.get(ctx)
+    if pool is None:
+        pool = Pool(
+            PoolSettings(idle_timeout=ctx.pool_idle_timeout, connect_timeout=ctx.connect_timeout)
+        )
+        _pools[ctx] = pool
+    return pool
