@@ -171,11 +171,19 @@ def _needs_read_search() -> bool:
     return not all(_traversable_by_others(p) for p in paths)
 
 
+def _tool(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+    if path is None:
+        raise LocalError(f"`{name}` is not installed (util-linux)")
+    return path
+
+
 def wrap_argv(netns: str, argv: Sequence[str], uid: int | None, gid: int | None) -> list[str]:
     """The command line that runs `argv` inside `netns` as `uid`/`gid`."""
-    out = ["nsenter", f"--net={NETNS_DIR / netns}", "--"]
+    # Absolute paths: the command's own environment may have no useful PATH.
+    out = [_tool("nsenter"), f"--net={NETNS_DIR / netns}", "--"]
     if uid is not None or gid is not None:
-        out += ["setpriv", "--clear-groups"]
+        out += [_tool("setpriv"), "--clear-groups"]
         if uid is not None:
             out.append(f"--reuid={uid}")
         if gid is not None:
