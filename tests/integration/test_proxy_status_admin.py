@@ -57,6 +57,52 @@ def http_app() -> Iterator[int]:
 
 
 @pytest.fixture(scope="module")
+def https_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """The same app over HTTPS with a self-signed certificate (kubelet does not verify)."""
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "app")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    directory = tmp_path_factory.mktemp("https-app")
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _App)
+    server.daemon_threads = True
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
 def grpc_app() -> Iterator[int]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     servicer = health.HealthServicer()
@@ -71,7 +117,7 @@ def grpc_app() -> Iterator[int]:
 
 
 @pytest.fixture(scope="module")
-def proxy(http_app: int, grpc_app: int) -> Iterator[RunningProxy]:
+def proxy(http_app: int, https_app: int, grpc_app: int) -> Iterator[RunningProxy]:
     closed = free_port()
 
     def http(path: str, **extra: Any) -> dict[str, Any]:
@@ -92,6 +138,11 @@ def proxy(http_app: int, grpc_app: int) -> Iterator[RunningProxy]:
             "readyz": http("/needs-header"),
         },
         "slow": {"livez": http("/slow")},
+        "tls": {
+            "livez": {"httpGet": {"path": "/ok", "port": https_app, "scheme": "HTTPS"}},
+            "readyz": {"httpGet": {"path": "/fail", "port": https_app, "scheme": "HTTPS"}},
+            "startupz": {"httpGet": {"path": "/ok", "port": https_app, "scheme": "HTTP"}},
+        },
         "tcp": {
             "livez": {"tcpSocket": {"port": http_app}, "timeoutSeconds": 1},
             "readyz": {"tcpSocket": {"port": closed}, "timeoutSeconds": 1},
@@ -123,6 +174,9 @@ def test_ready(proxy: RunningProxy) -> None:
         ("/app-health/web/startupz", 200),  # 3xx passes, as for the kubelet
         ("/app-health/headers/livez", 200),  # the probe's httpHeaders are sent
         ("/app-health/headers/readyz", 503),
+        ("/app-health/tls/livez", 200),
+        ("/app-health/tls/readyz", 503),
+        ("/app-health/tls/startupz", 503),  # plain HTTP to a TLS port
         ("/app-health/tcp/livez", 200),
         ("/app-health/tcp/readyz", 503),
         ("/app-health/grpc/livez", 200),
