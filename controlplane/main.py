@@ -20,6 +20,7 @@ from pathlib import Path
 
 import uvicorn
 
+from controlplane import server as discovery
 from controlplane import webhook_tls
 from proxy import ports
 from webhook.app import create_app
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("SYNCHRO_WEBHOOK_CONFIG", webhook_tls.WEBHOOK_CONFIGURATION),
         help="MutatingWebhookConfiguration whose caBundle is set",
     )
+    discovery.add_arguments(parser)
     return parser
 
 
@@ -189,6 +191,10 @@ def build_servers(args: argparse.Namespace, stop: threading.Event) -> list[uvico
                 )
             )
         )
+    try:
+        servers.extend(discovery.build_servers(args, _Server))
+    except (ValueError, OSError) as exc:
+        raise ControllerError(str(exc)) from exc
     return servers
 
 
