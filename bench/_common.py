@@ -158,6 +158,14 @@ def parse_h2load_log(text: str) -> list[LogSample]:
     return samples
 
 
+def drop_warmup(samples: Sequence[LogSample], window_us: int) -> list[LogSample]:
+    """Drop requests that started within `window_us` of the run's first request."""
+    if not samples:
+        return []
+    start = min(s.start_us for s in samples)
+    return [s for s in samples if s.start_us - start >= window_us]
+
+
 def percentile(values: Sequence[float], pct: float) -> float:
     """Nearest-rank percentile (the value below which `pct`% of samples fall)."""
     if not values:
@@ -179,20 +187,24 @@ class LatencySummary:
     max_us: float
 
 
+def achieved_rps(samples: Sequence[LogSample]) -> float:
+    """Request starts per second over one contiguous run."""
+    if len(samples) < 2:
+        return 0.0
+    span_s = (max(s.start_us for s in samples) - min(s.start_us for s in samples)) / 1e6
+    # n arrivals span n-1 intervals
+    return (len(samples) - 1) / span_s if span_s > 0 else 0.0
+
+
 def summarize_log(samples: Sequence[LogSample]) -> LatencySummary:
     ok = [s for s in samples if 200 <= s.status < 300]
     if not ok:
         raise BenchError(f"no successful requests among {len(samples)} samples")
     lat = [float(s.latency_us) for s in ok]
-    first = min(s.start_us for s in samples)
-    last = max(s.start_us for s in samples)
-    span_s = (last - first) / 1e6
-    # n arrivals span n-1 intervals
-    achieved = (len(samples) - 1) / span_s if span_s > 0 else 0.0
     return LatencySummary(
         samples=len(samples),
         failed=len(samples) - len(ok),
-        achieved_rps=achieved,
+        achieved_rps=achieved_rps(samples),
         p50_us=percentile(lat, 50),
         p99_us=percentile(lat, 99),
         max_us=max(lat),
@@ -235,6 +247,18 @@ def parse_vmrss_bytes(status_text: str) -> int:
     if not m:
         raise BenchError("no VmRSS in /proc/<pid>/status (process exited or is a zombie?)")
     return int(m.group(1)) * 1024
+
+
+def parse_host_cpu(proc_stat_text: str) -> tuple[int, int]:
+    """The `cpu` line of /proc/stat -> (busy ticks, total ticks) summed over all CPUs."""
+    for line in proc_stat_text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            # user nice system idle iowait irq softirq steal (guest is inside user)
+            values = [int(v) for v in fields[1:9]]
+            idle = values[3] + values[4]
+            return sum(values) - idle, sum(values)
+    raise BenchError("no aggregate cpu line in /proc/stat")
 
 
 # --------------------------------------------------------------------------
@@ -313,6 +337,17 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def host_busy_seconds() -> float:
+    """CPU seconds the whole host has spent busy since boot (all CPUs)."""
+    return parse_host_cpu(Path("/proc/stat").read_text())[0] / clock_ticks()
+
+
+def own_cpu_seconds() -> float:
+    """This process plus its reaped descendants (load generators, stopped servers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def tree_cpu_seconds(pids: Sequence[int]) -> float:

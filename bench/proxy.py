@@ -32,11 +32,14 @@ import platform
 import shlex
 import shutil
 import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -50,11 +53,16 @@ from bench._common import (
     LOOPBACK,
     BenchError,
     HostPort,
-    LatencySummary,
     LoadResult,
+    LogSample,
     Placement,
+    Proc,
     Processes,
+    achieved_rps,
+    drop_warmup,
     free_port,
+    host_busy_seconds,
+    own_cpu_seconds,
     parse_h2load,
     parse_h2load_log,
     parse_wrk,
@@ -70,6 +78,7 @@ from bench._common import (
 REPO = Path(__file__).resolve().parents[1]
 BODY_SIZE = 1024
 BODY_PATH = "/1k.bin"
+LATENCY_SLICE_S = 1.0  # paced runs alternate between paths in slices this long
 
 # --------------------------------------------------------------------------
 # settings
@@ -168,7 +177,11 @@ class Hop:
     """A running path: where clients connect, and whose CPU and RSS we count."""
 
     front: HostPort
-    pids: tuple[int, ...] = ()
+    procs: tuple[Proc, ...] = ()
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return tuple(p.pid for p in self.procs)
 
 
 @dataclass
@@ -199,7 +212,7 @@ def launch_haproxy(ctx: Ctx, protocol: str, upstream: HostPort) -> Hop:
         f"haproxy-{protocol}", [exe, "-db", "-f", str(cfg)], cpus=ctx.placement.proxy
     )
     wait_for_port((LOOPBACK, port), proc=proc)
-    return Hop(front=(LOOPBACK, port), pids=(proc.pid,))
+    return Hop(front=(LOOPBACK, port), procs=(proc,))
 
 
 def synchro_command() -> list[str]:
@@ -234,8 +247,8 @@ def synchro_launcher(extra_args: Sequence[str] = (), concurrency: int = 1) -> La
             wait_for_http((LOOPBACK, ports["status"]), "/healthz/ready", proc=proc, timeout_s=20)
         except BenchError as exc:
             ctx.procs.stop(proc)
-            raise Skip(f"synchro-proxy not runnable: {first_line(str(exc))}") from exc
-        return Hop(front=(LOOPBACK, ports["outbound"]), pids=(proc.pid,))
+            raise Skip(f"synchro-proxy not runnable: {summary_line(str(exc))}") from exc
+        return Hop(front=(LOOPBACK, ports["outbound"]), procs=(proc,))
 
     return launch
 
@@ -306,7 +319,9 @@ def url(front: HostPort) -> str:
     return f"http://{front[0]}:{front[1]}{BODY_PATH}"
 
 
-def paced_argv(s: Settings, protocol: Protocol, front: HostPort, log_file: Path) -> list[str]:
+def paced_argv(
+    s: Settings, protocol: Protocol, front: HostPort, log_file: Path, seconds: float
+) -> list[str]:
     """h2load at a fixed total rate: N connections, each at rate/N, started 1 ms apart.
 
     The stagger spreads the connections' timers so arrivals are even instead
@@ -322,7 +337,7 @@ def paced_argv(s: Settings, protocol: Protocol, front: HostPort, log_file: Path)
         "-r1",
         "--rate-period=1ms",
         f"--rps={per_client}",
-        f"-n{round(s.latency_rps * s.duration_s)}",
+        f"-n{round(s.latency_rps * seconds)}",
         f"--log-file={log_file}",
         url(front),
     ]
@@ -501,7 +516,8 @@ def render(rows: Sequence[Row], verdicts: Sequence[Verdict], header: str, paced_
 # --------------------------------------------------------------------------
 
 
-def first_line(text: str) -> str:
+def summary_line(text: str) -> str:
+    """The last non-empty line: for a process that died, usually its own error."""
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1].strip() if lines else text.strip()
 
@@ -530,57 +546,137 @@ def start_nginx(ctx: Ctx) -> tuple[HostPort, HostPort]:
     return (LOOPBACK, h1), (LOOPBACK, h2)
 
 
-def probe(ctx: Ctx, protocol: Protocol, front: HostPort) -> None:
+def probe(protocol: Protocol, front: HostPort) -> None:
     """One request through the path, so a broken proxy is a clear Skip, not a zero."""
     try:
         res = parse_h2load(run_tool(probe_argv(protocol, front), cpus=frozenset(), timeout_s=15))
     except BenchError as exc:
-        raise Skip(f"probe request failed: {first_line(str(exc))}") from exc
+        raise Skip(f"probe request failed: {summary_line(str(exc))}") from exc
     if res.requests != 1 or res.errors or res.non_2xx:
         raise Skip(f"probe request through {front[0]}:{front[1]} did not get a 2xx")
 
 
-def measure(ctx: Ctx, spec: PathSpec, protocol: Protocol, upstream: HostPort) -> Row:
-    s = ctx.settings
-    load = ctx.placement.load
-    hop = spec.launch(ctx, protocol.name, upstream)
-    probe(ctx, protocol, hop.front)
+@dataclass
+class Live:
+    """A path that is up for one protocol, and what has been measured on it so far."""
+
+    spec: PathSpec
+    hop: Hop
+    result: LoadResult | None = None
+    cpu_s: float | None = None
+    samples: list[LogSample] = field(default_factory=list)
+    slice_rps: list[float] = field(default_factory=list)
+    failed: str = ""
+
+
+def throughput(ctx: Ctx, protocol: Protocol, live: Live) -> None:
+    s, load, hop = ctx.settings, ctx.placement.load, live.hop
     if s.warmup_s > 0:
         run_tool(protocol.throughput(s, hop.front, s.warmup_s), cpus=load, timeout_s=60)
-
-    cpu0 = tree_cpu_seconds(hop.pids) if hop.pids else 0.0
+    cpu0 = tree_cpu_seconds(hop.pids)
     out = run_tool(
         protocol.throughput(s, hop.front, s.duration_s), cpus=load, timeout_s=s.duration_s + 60
     )
-    cpu1 = tree_cpu_seconds(hop.pids) if hop.pids else 0.0
-    result = protocol.parse(out)
+    cpu1 = tree_cpu_seconds(hop.pids)
+    live.result = protocol.parse(out)
+    live.cpu_s = cpu1 - cpu0
 
-    log_file = ctx.workdir / f"latency-{spec.name}-{protocol.name}.log"
+
+def paced_slice(ctx: Ctx, protocol: Protocol, live: Live, seconds: float, n: int) -> None:
+    s = ctx.settings
+    log_file = ctx.workdir / f"latency-{live.spec.name}-{protocol.name}-{n}.log"
     run_tool(
-        paced_argv(s, protocol, hop.front, log_file),
-        cpus=load,
-        timeout_s=3 * s.duration_s + 60,
+        paced_argv(s, protocol, live.hop.front, log_file, seconds),
+        cpus=ctx.placement.load,
+        timeout_s=3 * seconds + 60,
     )
-    lat: LatencySummary = summarize_log(parse_h2load_log(log_file.read_text()))
-    rss_b = tree_rss_bytes(hop.pids) if hop.pids else None
+    samples = parse_h2load_log(log_file.read_text())
+    live.slice_rps.append(achieved_rps(samples))
+    # the first request of each connection also pays for its setup; keep steady state only
+    live.samples += drop_warmup(samples, (s.latency_clients + 5) * 1000)
 
+
+def to_row(live: Live, protocol: Protocol) -> Row:
+    if live.failed:
+        return Row(live.spec.name, protocol.name, skipped=live.failed)
+    res = live.result
+    assert res is not None
+    lat = summarize_log(live.samples)
     cpu_us = None
-    if hop.pids and result.requests:
-        cpu_us = (cpu1 - cpu0) * 1e6 / result.requests
+    if live.hop.pids and live.cpu_s is not None and res.requests:
+        cpu_us = live.cpu_s * 1e6 / res.requests
+    rss_b = tree_rss_bytes(live.hop.pids) if live.hop.pids else None
     return Row(
-        path=spec.name,
+        path=live.spec.name,
         protocol=protocol.name,
-        rps=result.rps,
-        requests=result.requests,
-        errors=result.errors + result.non_2xx,
+        rps=res.rps,
+        requests=res.requests,
+        errors=res.errors + res.non_2xx,
         cpu_us_per_req=cpu_us,
-        cpu_baseline=spec.cpu_baseline,
+        cpu_baseline=live.spec.cpu_baseline,
         latency_p50_ms=lat.p50_us / 1000,
         latency_p99_ms=lat.p99_us / 1000,
-        latency_rps=lat.achieved_rps,
+        latency_rps=statistics.fmean(live.slice_rps) if live.slice_rps else None,
         latency_failed=lat.failed,
         rss_mb=None if rss_b is None else rss_b / 2**20,
     )
+
+
+def guarded(live: Live, step: Callable[[], None], log: Callable[[str], None]) -> None:
+    """Run one measurement step; a failure marks the path failed instead of ending the bench."""
+    if live.failed:
+        return
+    try:
+        step()
+        dead = [p for p in live.hop.procs if p.popen.poll() is not None]
+        if dead:
+            raise BenchError(f"{dead[0].name} exited with {dead[0].popen.returncode}")
+    except BenchError as exc:
+        live.failed = f"failed: {summary_line(str(exc))}"
+        log(f"  {live.spec.name}: {live.failed}")
+
+
+def measure_protocol(
+    ctx: Ctx,
+    paths: Sequence[PathSpec],
+    protocol: Protocol,
+    upstream: HostPort,
+    log: Callable[[str], None],
+) -> list[Row]:
+    """All paths up at once, throughput one after the other, latency interleaved.
+
+    Interleaving the paced runs in short slices spreads any background noise
+    on the host over every path alike, which matters for "p99 added".
+    """
+    s = ctx.settings
+    lives: list[Live] = []
+    rows: dict[str, Row] = {}
+    for spec in paths:
+        try:
+            hop = spec.launch(ctx, protocol.name, upstream)
+            probe(protocol, hop.front)
+            lives.append(Live(spec, hop))
+        except (Skip, BenchError) as exc:
+            reason = summary_line(str(exc))
+            log(f"  {spec.name} / {protocol.name} skipped: {reason}")
+            rows[spec.name] = Row(spec.name, protocol.name, skipped=reason)
+    for live in lives:
+        log(f"  {live.spec.name} / {protocol.name}: throughput")
+        guarded(live, partial(throughput, ctx, protocol, live), log)
+    slices = max(1, round(s.duration_s / LATENCY_SLICE_S))
+    seconds = s.duration_s / slices
+    log(f"  {protocol.name}: latency at {s.latency_rps} req/s, {slices} slice(s) per path")
+    for n in range(slices):
+        for live in lives:
+            guarded(live, partial(paced_slice, ctx, protocol, live, seconds, n), log)
+    for live in lives:
+        try:
+            rows[live.spec.name] = to_row(live, protocol)
+        except BenchError as exc:
+            rows[live.spec.name] = Row(
+                live.spec.name, protocol.name, skipped=f"failed: {summary_line(str(exc))}"
+            )
+    return [rows[spec.name] for spec in paths]
 
 
 def check_tools() -> None:
@@ -617,35 +713,37 @@ def terminate_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def run(settings: Settings, log: Callable[[str], None]) -> tuple[list[Row], Placement]:
+@dataclass(frozen=True)
+class RunInfo:
+    placement: Placement
+    wall_s: float
+    # busy CPU on the host that was not ours: other people's work competes with the run
+    background_cores: float
+
+
+def run(settings: Settings, log: Callable[[str], None]) -> tuple[list[Row], RunInfo]:
     check_tools()
     placement = plan_placement(sorted(os.sched_getaffinity(0)))
+    t0, host0, own0 = time.monotonic(), host_busy_seconds(), own_cpu_seconds()
     paths = select(PATHS, settings.paths, "path")
     protocols = select(PROTOCOLS, settings.protocols, "protocol")
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="synchro-bench-") as tmp, Processes(Path(tmp)) as procs:
         workdir = Path(tmp)
         base = Ctx(procs, workdir, placement, settings)
+        log("starting nginx ...")
         h1, h2 = start_nginx(base)
         upstreams = {"http1": h1, "h2c": h2}
-        for spec in paths:
-            for protocol in protocols:
-                log(f"measuring {spec.name} / {protocol.name} ...")
-                # each path's processes live in their own group, stopped before the next
-                with Processes(workdir) as path_procs:
-                    ctx = replace(base, procs=path_procs)
-                    try:
-                        rows.append(measure(ctx, spec, protocol, upstreams[protocol.name]))
-                    except Skip as exc:
-                        log(f"  skipped: {exc}")
-                        rows.append(Row(spec.name, protocol.name, skipped=str(exc)))
-                    except BenchError as exc:
-                        # a proxy that dies mid-run is a result, not a crash of the bench
-                        log(f"  failed: {exc}")
-                        rows.append(
-                            Row(spec.name, protocol.name, skipped=f"failed: {first_line(str(exc))}")
-                        )
-    return rows, placement
+        for protocol in protocols:
+            log(f"{protocol.name}:")
+            # this protocol's proxies are stopped before the next protocol starts
+            with Processes(workdir) as path_procs:
+                ctx = replace(base, procs=path_procs)
+                rows += measure_protocol(ctx, paths, protocol, upstreams[protocol.name], log)
+    # every process we started has been reaped here, so its CPU is in own_cpu_seconds()
+    wall = time.monotonic() - t0
+    other = (host_busy_seconds() - host0) - (own_cpu_seconds() - own0)
+    return rows, RunInfo(placement, wall, max(0.0, other) / wall if wall > 0 else 0.0)
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
@@ -677,6 +775,36 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
     return settings, args
 
 
+def git_commit() -> str:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
+def describe_run(settings: Settings, info: RunInfo, when: str, commit: str) -> str:
+    pl = info.placement
+    pin = (
+        f"load generator + nginx on CPU {sorted(pl.load)}, proxy on CPU {sorted(pl.proxy)}"
+        if pl.pinned
+        else "not pinned (one CPU)"
+    )
+    return (
+        f"bench/proxy.py  {when}  commit {commit}  {os.cpu_count()} CPUs, {pin}\n"
+        f"{settings.duration_s:g} s per throughput run (CPU/request from /proc/<pid>/stat "
+        f"during it); latency paced at {settings.latency_rps} req/s for {settings.duration_s:g} s "
+        f"per path\nother processes kept {info.background_cores:.2f} CPUs busy during the run "
+        f"({info.wall_s:.0f} s); above ~0.1 latency figures are noisy"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     settings, args = parse_args(argv)
     to_stdout_json = args.json == "-"
@@ -685,10 +813,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    started = time.monotonic()
     try:
         with terminate_on_sigterm():
-            rows, placement = run(settings, log)
+            rows, info = run(settings, log)
     except BenchError as exc:
         print(f"bench/proxy.py: {exc}", file=sys.stderr)
         return 2
@@ -697,21 +824,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     verdicts = evaluate(rows, TARGETS)
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    pin = (
-        f"load+nginx on CPU {sorted(placement.load)}, proxy on CPU {sorted(placement.proxy)}"
-        if placement.pinned
-        else "not pinned (one CPU)"
-    )
-    header = (
-        f"bench/proxy.py  {when}  {os.cpu_count()} CPUs  {pin}\n"
-        f"{settings.duration_s:g} s per measurement; CPU from /proc/<pid>/stat during the wrk/h2load run; "
-        f"latency at {settings.latency_rps} req/s paced by h2load"
-    )
-    print(render(rows, verdicts, header, settings.latency_rps), file=out)
-    print(f"\n(total {time.monotonic() - started:.0f} s)", file=out, flush=True)
+    commit = git_commit()
+    header = describe_run(settings, info, when, commit)
+    print("", file=sys.stderr, flush=True)
+    print(render(rows, verdicts, header, settings.latency_rps), file=out, flush=True)
 
     if args.json is not None:
-        doc = to_json(rows, verdicts, settings, placement, when, argv)
+        doc = to_json(rows, verdicts, settings, info, when, commit, argv)
         text = json.dumps(doc, indent=2)
         if to_stdout_json:
             print(text)
@@ -724,30 +843,29 @@ def to_json(
     rows: Sequence[Row],
     verdicts: Sequence[Verdict],
     settings: Settings,
-    placement: Placement,
+    info: RunInfo,
     when: str,
+    commit: str,
     argv: Sequence[str] | None,
 ) -> dict[str, Any]:
     command = ["python3", "bench/proxy.py", *(sys.argv[1:] if argv is None else argv)]
     return {
         "date": when,
+        "commit": commit,
         "command": shlex.join(command),
         "host": {
             "cpus": os.cpu_count(),
             "kernel": platform.release(),
             "python": platform.python_version(),
+            "background_cores": round(info.background_cores, 3),
+            "wall_s": round(info.wall_s, 1),
         },
-        "placement": {k: sorted(v) for k, v in asdict(placement).items()},
+        "placement": {k: sorted(v) for k, v in asdict(info.placement).items()},
         "settings": asdict(settings),
         "paths": {p.name: p.describe for p in PATHS},
         "results": [asdict(r) for r in rows],
         "targets": [
-            {
-                **asdict(v.target),
-                "measured": v.measured,
-                "passed": v.passed,
-                "note": v.note,
-            }
+            {**asdict(v.target), "measured": v.measured, "passed": v.passed, "note": v.note}
             for v in verdicts
         ],
     }
