@@ -436,6 +436,32 @@ def test_invalid_custom_resources_are_rejected(
     assert list(validator_for(rendered, kind).iter_errors(doc)), f"{path}={value!r} was accepted"
 
 
+def test_example_custom_resources_parse_in_the_control_plane() -> None:
+    # The CRDs and the control plane's reader must agree on every field name.
+    from controlplane import resources
+
+    for doc in load_examples():
+        parsed = resources.parse(copy.deepcopy(doc))
+        assert parsed is not None, doc["metadata"]["name"]
+        assert type(parsed).__name__ == doc["kind"]
+
+
+def test_crd_enums_agree_with_the_proxy(rendered: list[Obj]) -> None:
+    from proxy import config as pc
+    from proxy.traffic import retry
+
+    found = crds(rendered)
+    tp = schema_of(found["TrafficPolicy"])["properties"]["spec"]["properties"]
+    assert set(tp["loadBalancer"]["properties"]["type"]["enum"]) == set(pc.LB_TYPES)
+    pattern = tp["retry"]["properties"]["retryOn"]["items"]["pattern"]
+    named = {n for n in pattern.strip("^$()").split("|") if not n.startswith("[")}
+    assert named == set(retry.CONDITIONS)
+    pa = schema_of(found["PeerAuthentication"])["properties"]["spec"]["properties"]
+    assert set(pa["mtls"]["properties"]["mode"]["enum"]) == {*pc.MTLS_MODES, "UNSET"}
+    ap = schema_of(found["AuthorizationPolicy"])["properties"]["spec"]["properties"]
+    assert set(ap["action"]["enum"]) == set(pc.AUTHZ_ACTIONS)
+
+
 # --- the webhook configuration -------------------------------------------------
 
 
@@ -639,10 +665,35 @@ def test_controller_deployment(rendered: list[Obj]) -> None:
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     args = " ".join(container["args"])
-    for port in named.values():
+    for port in (ports.WEBHOOK_PORT, ports.CONTROLLER_API_PORT):
         assert f":{port}" in args
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (config,) = [m for m in container["volumeMounts"] if "configMap" in volumes[m["name"]]]
+    assert volumes[config["name"]]["configMap"]["name"] == "synchro-config"
     selector = spec["selector"]["matchLabels"]
     assert selector_matches({"matchLabels": selector}, spec["template"]["metadata"]["labels"])
+
+
+def host_port(value: str | tuple[str, int]) -> str:
+    # The parser keeps some HOST:PORT options as text and splits others.
+    return value if isinstance(value, str) else f"{value[0]}:{value[1]}"
+
+
+def test_controller_arguments_parse(rendered: list[Obj]) -> None:
+    # The real synchro-controller parser: an unknown flag would crash-loop the Pod.
+    from controlplane import main
+
+    deployment = one(rendered, "Deployment", "synchro-controller")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["synchro-controller"]
+    args = main.build_parser().parse_args(container["args"])
+    assert args.kubernetes
+    assert host_port(args.webhook_listen) == "0.0.0.0:9443"
+    assert host_port(args.api_listen) == "0.0.0.0:15012"
+    (config,) = [m for m in container["volumeMounts"] if m["name"] == "config"]
+    assert Path(config["mountPath"]) == main.DEFAULT_MESH_CONFIG
+    env = {e["name"] for e in container["env"]}
+    assert {"POD_NAMESPACE", "SYNCHRO_SERVICE_NAME", "SYNCHRO_WEBHOOK_CONFIG"} <= env
 
 
 def test_pdb_keeps_a_controller_up(rendered: list[Obj]) -> None:
@@ -671,42 +722,59 @@ def test_service_exposes_webhook_api_and_metrics(rendered: list[Obj]) -> None:
 # --- synchro-config ------------------------------------------------------------
 
 
-def mesh_config(rendered: list[Obj]) -> Obj:
-    cm = one(rendered, "ConfigMap", "synchro-config")
-    assert set(cm["data"]) == {"mesh.yaml"}
-    doc = yaml.safe_load(cm["data"]["mesh.yaml"])
-    assert isinstance(doc, dict)
-    return doc
+def mesh_config(rendered: list[Obj]) -> dict[str, str]:
+    data: dict[str, str] = one(rendered, "ConfigMap", "synchro-config")["data"]
+    return data
 
 
 def test_mesh_config_defaults(rendered: list[Obj]) -> None:
     mesh = mesh_config(rendered)
+    assert all(isinstance(v, str) for v in mesh.values()), "ConfigMap data must be strings"
     assert mesh["trustDomain"] == "cluster.local"
     assert mesh["defaultMtlsMode"] == "PERMISSIVE"
     assert mesh["outboundPolicy"] == "ALLOW_ANY"
     assert mesh["accessLog"] in ("off", "json", "text")
-    assert "otlpEndpoint" in mesh["tracing"]
-    assert 0 <= mesh["traceSampling"] <= 100
-    assert mesh["nativeSidecar"] is True
+    assert "tracingEndpoint" in mesh
+    assert 0 <= float(mesh["traceSampling"]) <= 100
+    assert mesh["nativeSidecar"] == "true"
     assert mesh["proxyImage"] == "synchro:dev"
     for k in ("proxyCPURequest", "proxyCPULimit", "proxyMemoryRequest", "proxyMemoryLimit"):
         assert mesh[k]
 
 
-def test_mesh_config_is_accepted_by_its_readers(rendered: list[Obj]) -> None:
-    # The real parsers of the webhook and the proxy schema, not a copy of their rules.
-    from proxy.config import MeshSettings
-    from webhook.config import InjectorConfig
+def test_mesh_config_is_read_by_the_injector(rendered: list[Obj], tmp_path: Path) -> None:
+    # Through the webhook's real loader, laid out as the Deployment mounts the
+    # ConfigMap (/etc/synchro, one file per key), with values that differ from
+    # the loader's built-in defaults so that a silently ignored key shows.
+    from webhook.config import InjectorConfig, load
 
-    mesh = mesh_config(rendered)
-    injector = InjectorConfig.from_configmap_data(mesh)
-    assert injector.image == mesh["proxyImage"]
-    assert injector.native_sidecar is True
+    mesh = dict(mesh_config(rendered))
+    changed = {"proxyImage": "registry.example/synchro:1.2", "nativeSidecar": "false"}
+    mesh.update(changed)
+    for name, value in mesh.items():
+        (tmp_path / name).write_text(value)
+    injector = load(tmp_path)
+    assert injector.image == changed["proxyImage"]
+    assert injector.native_sidecar is False
     assert injector.cpu_request == mesh["proxyCPURequest"]
-    MeshSettings(
-        trust_domain=mesh["trustDomain"],
-        outbound_policy=mesh["outboundPolicy"],
-        default_mtls_mode=mesh["defaultMtlsMode"],
+    assert injector.access_log == mesh["accessLog"]
+    assert injector.trust_domain == mesh["trustDomain"]
+    assert injector.controller_address == mesh["controllerAddress"]
+    assert load(tmp_path) != InjectorConfig()
+
+
+def test_mesh_config_is_read_by_the_control_plane(rendered: list[Obj]) -> None:
+    from controlplane import resources
+
+    cm = copy.deepcopy(one(rendered, "ConfigMap", "synchro-config"))
+    cm["data"].update(defaultMtlsMode="STRICT", outboundPolicy="REGISTRY_ONLY", trustDomain="x.io")
+    parsed = resources.parse(cm)
+    assert isinstance(parsed, resources.MeshConfig)
+    settings = parsed.settings
+    assert (settings.default_mtls_mode, settings.outbound_policy, settings.trust_domain) == (
+        "STRICT",
+        "REGISTRY_ONLY",
+        "x.io",
     )
 
 
