@@ -153,6 +153,14 @@ def test_every_object_validates_against_the_kubernetes_schema(
             pytest.fail(f"{key(obj)}: {e.message}")
 
 
+def test_kind_test_manifests_validate() -> None:
+    # What tests/kind applies must be valid before a cluster ever sees it.
+    docs = [d for d in yaml.safe_load_all((REPO / "tests/kind/manifests.yaml").read_text()) if d]
+    assert {d["kind"] for d in docs} == {"Deployment", "Service", "ServiceAccount"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSIONS[0], strict=True)
+
+
 def test_validation_catches_a_broken_object(rendered: list[Obj]) -> None:
     # The check above must be able to fail: a typo'd field is rejected in strict mode.
     deployment = copy.deepcopy(one(rendered, "Deployment"))
