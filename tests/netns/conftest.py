@@ -107,6 +107,17 @@ def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
         n.close()
 
 
+@pytest.fixture(scope="module")
+def module_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """A node shared by the tests of one module (cheaper; tests must not depend on
+    each other's leftovers)."""
+    n = Node.create(netns.new_prefix(PREFIX_BASE), logdir=tmp_path_factory.mktemp("netns") / "logs")
+    try:
+        yield n
+    finally:
+        n.close()
+
+
 @pytest.fixture
 def node6(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
     """Like `node`, with a unique-local IPv6 address on every Pod as well."""

@@ -12,16 +12,17 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DSTECHO
 
 from proxy import ports
 from proxy.init import rules as rules_core
 from proxy.init.options import InterceptOptions
 from synchro.local.netns import Node, PodNet
 
+DSTECHO = Path(__file__).resolve().parent / "dstecho.py"
 A_PORTS = (ports.OUTBOUND_CAPTURE_PORT, ports.INBOUND_CAPTURE_PORT, 8080, 8081, 9090, 15020)
 B_PORTS = (8080, 9091)
 EXCLUDED_IN = 9090
@@ -84,15 +85,20 @@ def ask_as(pod: PodNet, host: str, port: int, uid: int, gid: int) -> dict[str, A
     return answer
 
 
-@pytest.fixture
-def mesh(node: Node, synchro_init: str) -> Mesh:
-    a, b = node.add_pod("a"), node.add_pod("b")
+@pytest.fixture(scope="module")
+def shared_mesh(module_node: Node, synchro_init: str) -> Mesh:
+    a, b = module_node.add_pod("a"), module_node.add_pod("b")
     serve(a, A_PORTS)
     serve(b, B_PORTS)
-    m = Mesh(node, a, b, synchro_init)
-    done = m.init(*OPTIONS.to_args())
+    return Mesh(module_node, a, b, synchro_init)
+
+
+@pytest.fixture
+def mesh(shared_mesh: Mesh) -> Mesh:
+    """The shared Pods with exactly OPTIONS' rules, whatever the last test did."""
+    done = shared_mesh.init(*OPTIONS.to_args())
     assert done.returncode == 0, done.stderr
-    return m
+    return shared_mesh
 
 
 def test_outbound_from_an_app_reaches_15001_with_the_original_destination(mesh: Mesh) -> None:
@@ -174,30 +180,17 @@ def test_rerunning_with_other_options_replaces_the_rules(mesh: Mesh) -> None:
     assert "--dport 9091" not in mesh.nat()
 
 
-def test_rules_of_other_tools_survive(mesh: Mesh, synchro_init: str) -> None:
-    foreign = "-A OUTPUT -p udp -m udp --dport 53 -j RETURN"
-    mesh.a.exec(
-        [
-            "iptables",
-            "-t",
-            "nat",
-            "-I",
-            "OUTPUT",
-            "1",
-            "-p",
-            "udp",
-            "--dport",
-            "53",
-            "-j",
-            "RETURN",
-        ],
-        check=True,
-    )
-    assert mesh.init(*OPTIONS.to_args()).returncode == 0
-    assert foreign in mesh.nat()
-    assert mesh.init("--cleanup").returncode == 0
-    saved = mesh.nat()
-    assert foreign in saved and "SYNCHRO" not in saved
+def test_rules_of_other_tools_survive(mesh: Mesh) -> None:
+    foreign = ["OUTPUT", "-p", "udp", "-m", "udp", "--dport", "53", "-j", "RETURN"]
+    mesh.a.exec(["iptables", "-t", "nat", "-I", *foreign[:1], "1", *foreign[1:]], check=True)
+    try:
+        assert mesh.init(*OPTIONS.to_args()).returncode == 0
+        assert "-A " + " ".join(foreign) in mesh.nat()
+        assert mesh.init("--cleanup").returncode == 0
+        saved = mesh.nat()
+        assert "-A " + " ".join(foreign) in saved and "SYNCHRO" not in saved
+    finally:
+        mesh.a.exec(["iptables", "-t", "nat", "-D", *foreign])
 
 
 def test_cleanup_restores_plain_networking(mesh: Mesh) -> None:
@@ -255,3 +248,55 @@ def test_ipv6_pods_get_ip6tables_rules(node6: Node, synchro_init: str) -> None:
     assert a.exec([synchro_init, "--cleanup"]).returncode == 0
     assert "SYNCHRO" not in a.exec(["ip6tables-save", "-t", "nat"], check=True).stdout
     assert ask(a, str(b.ip6), 8080)["port"] == 8080
+
+
+def test_an_injected_pod_runs_its_init_proxy_and_app(node: Node) -> None:
+    """The webhook core's spec, run as written: init rules, proxy as 1337, app behind it."""
+    from synchro.local.pod import inject_and_start, start_pod
+    from webhook.config import InjectorConfig
+
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "labels": {"app": "web"}},
+        "spec": {
+            "containers": [
+                {
+                    "name": "web",
+                    "image": "example/web",
+                    "command": ["python3", str(DSTECHO), "serve", "8080"],
+                    "readinessProbe": {"tcpSocket": {"port": 8080}},
+                }
+            ]
+        },
+    }
+    pod = inject_and_start(
+        node, manifest, namespace="demo", config=InjectorConfig(controller_address="")
+    )
+    init = next(c for c in pod.spec["spec"]["initContainers"] if c["name"] == "synchro-init")
+    options = InterceptOptions.from_args(init["args"])
+    assert pod.exit_codes["synchro-init"] == 0
+    saved = pod.exec(["iptables-save", "-t", "nat"], check=True).stdout
+    assert rules_core.rule_count(saved) == rules_core.rule_count(rules_core.rules(options))
+
+    status = Path(f"/proc/{pod.process('synchro-proxy').pid}/status").read_text()
+    uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+    gid_line = next(line for line in status.splitlines() if line.startswith("Gid:"))
+    assert uid_line.split()[1:] == ["1337"] * 4 and gid_line.split()[1:] == ["1337"] * 4
+    assert pod.process("web").alive()
+
+    # A plain client Pod reaches the app; the app saw the proxy's connection
+    # from 127.0.0.1 (inbound listener -> app), not the client's.
+    client = start_pod(
+        node,
+        {
+            "metadata": {"name": "client"},
+            "spec": {"containers": [{"name": "c", "command": ["sleep", "60"]}]},
+        },
+    )
+    got = ask(client.net, pod.ip, 8080)
+    assert got["port"] == 8080
+    assert got["peer"][0] == "127.0.0.1"
+
+    pod.stop(grace=1.0)
+    assert not pod.process("synchro-proxy").alive() and not pod.process("web").alive()
