@@ -235,6 +235,13 @@ class PushHub:
         self._rendered: OrderedDict[str, Rendered] = OrderedDict()
         self._cache_size = cache_size
         self.has_snapshot = asyncio.Event()
+        self.closing = False
+
+    def close(self) -> None:
+        """Shutting down: answer every held poll now (304) so that the proxies
+        move on to another replica or retry, instead of holding up the exit."""
+        self.closing = True
+        self._changed.set()
 
     def publish(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
@@ -316,7 +323,7 @@ class PushHub:
                 else:
                     changed = self._changed
                 remaining = deadline - self.clock()
-                if remaining <= 0:
+                if remaining <= 0 or self.closing:
                     return None
                 try:
                     await asyncio.wait_for(changed.wait(), remaining)

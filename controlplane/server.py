@@ -287,11 +287,20 @@ def build_servers(args: argparse.Namespace, uvicorn_server: type | None = None) 
         log_config=None,
         # Long polls hold requests for up to a minute; keep-alive must outlive them.
         timeout_keep_alive=75,
+        timeout_graceful_shutdown=10,
         backlog=2048,
         **tls,
     )
-    cls = uvicorn_server or uvicorn.Server
-    return [cls(config)]
+    base: Any = uvicorn_server or uvicorn.Server
+
+    class PushServer(base):  # type: ignore[misc, valid-type]
+        async def shutdown(self, sockets: Any = None) -> None:
+            # uvicorn waits for in-flight requests before the app's lifespan
+            # ends; release the held long polls first.
+            controller.hub.close()
+            await super().shutdown(sockets)
+
+    return [PushServer(config)]
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -175,7 +175,9 @@ class ConfigClient:
             ("pod", self.pod),
             ("version", self.version),
             ("nacked", self._nacked),
-            ("wait", str(self.poll_wait)),
+            # After (re)connecting, first a poll that answers at once: it tells the
+            # controller what we run and tells us the controller is back.
+            ("wait", str(self.poll_wait if self.connected else 0)),
         ]
         if self.service_account:
             params.append(("sa", self.service_account))
