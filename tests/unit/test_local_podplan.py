@@ -1,0 +1,135 @@
+"""The pure plan of running a Pod spec locally (synchro.local.podplan)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from proxy import ports
+from proxy.init.options import InterceptOptions
+from synchro.local.podplan import (
+    APP,
+    INIT,
+    SIDECAR,
+    PodContext,
+    PodSpecError,
+    Probe,
+    expand,
+    plan_pod,
+)
+from webhook.config import InjectorConfig
+from webhook.inject import inject_pod
+
+CTX = PodContext(
+    name="web-1",
+    namespace="demo",
+    ip="10.213.0.7",
+    node_name="synt-node",
+    volumes={"synchro-data": "/tmp/x/data", "synchro-token": "/tmp/x/token"},
+)
+
+
+def manifest(**container: Any) -> dict[str, Any]:
+    app = {"name": "web", "image": "example/web", "command": ["python3", "-m", "http.server"]}
+    app.update(container)
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web-1", "labels": {"app": "web"}},
+        "spec": {"serviceAccountName": "web-sa", "containers": [app]},
+    }
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_an_injected_pod_runs_init_then_proxy_then_app(native: bool) -> None:
+    config = InjectorConfig(native_sidecar=native, controller_address="")
+    injected = inject_pod(manifest(), "demo", config)
+    plan = plan_pod(injected, CTX)
+    kinds = [(s.name, s.kind) for s in plan.steps]
+    proxy_kind = SIDECAR if native else APP
+    assert kinds == [("synchro-init", INIT), ("synchro-proxy", proxy_kind), ("web", APP)]
+
+    init = plan.step("synchro-init")
+    assert init.argv[0] == "synchro-init"
+    written = next(c for c in injected["spec"]["initContainers"] if c["name"] == "synchro-init")
+    assert list(init.argv) == written["command"] + written["args"]  # exactly as written
+    InterceptOptions.from_args(init.argv[1:])
+    assert init.uid == 0
+
+    proxy = plan.step("synchro-proxy")
+    assert proxy.argv == ("synchro-proxy",)
+    assert (proxy.uid, proxy.gid) == (ports.PROXY_UID, ports.PROXY_GID)
+    assert proxy.env["POD_IP"] == "10.213.0.7"
+    assert proxy.env["POD_NAME"] == "web-1" and proxy.env["POD_NAMESPACE"] == "demo"
+    assert proxy.env["SERVICE_ACCOUNT"] == "web-sa"
+    # Paths inside mounted volumes point at the volume's local directory.
+    assert proxy.env["SYNCHRO_DATA_DIR"] == "/tmp/x/data"
+    assert proxy.env["SYNCHRO_TOKEN_FILE"].startswith("/tmp/x/token/")
+    assert proxy.pre_stop == ("synchro-proxy", "drain")
+    if native:
+        assert proxy.startup_probe == Probe(
+            "httpGet", 15020, "/healthz/ready", timeout=1.0, period=1.0, failure_threshold=120
+        )
+    else:
+        assert proxy.post_start is not None and proxy.post_start[1] == "wait-ready"
+
+    web = plan.step("web")
+    assert web.uid is None and web.gid is None  # an ordinary process
+
+
+def test_the_proxy_container_gets_1337_even_without_a_security_context() -> None:
+    pod = manifest()
+    pod["spec"]["containers"].insert(
+        0, {"name": ports.PROXY_CONTAINER_NAME, "command": ["synchro-proxy"]}
+    )
+    proxy = plan_pod(pod, CTX).step(ports.PROXY_CONTAINER_NAME)
+    assert (proxy.uid, proxy.gid) == (1337, 1337)
+
+
+def test_env_and_args_expand_like_kubernetes() -> None:
+    pod = manifest(
+        command=["sh", "-c"],
+        args=["echo $(GREETING) $(MISSING) $$(GREETING)"],
+        env=[
+            {"name": "NAME", "value": "world"},
+            {"name": "GREETING", "value": "hello $(NAME)"},
+            {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+        ],
+        securityContext={"runAsUser": 1000, "runAsGroup": 1001},
+        readinessProbe={"httpGet": {"path": "/ready", "port": "http"}},
+        ports=[{"name": "http", "containerPort": 8000}],
+    )
+    web = plan_pod(pod, CTX).step("web")
+    assert web.argv == ("sh", "-c", "echo hello world $(MISSING) $(GREETING)")
+    assert web.env["APP"] == "web"
+    assert (web.uid, web.gid) == (1000, 1001)
+    assert web.readiness_probe is not None
+    assert (web.readiness_probe.port, web.readiness_probe.path) == (8000, "/ready")
+    assert expand("$$", {}) == "$"
+
+
+@pytest.mark.parametrize(
+    ("container", "field"),
+    [
+        ({"command": None}, "spec.containers[0].command"),
+        ({"command": "python3 app.py"}, "spec.containers[0].command"),
+        (
+            {"env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]},
+            "spec.containers[0].env[0].valueFrom",
+        ),
+        (
+            {"env": [{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "spec.bogus"}}}]},
+            "spec.containers[0].env[0]",
+        ),
+    ],
+)
+def test_what_cannot_run_locally_is_named(container: dict[str, Any], field: str) -> None:
+    with pytest.raises(PodSpecError, match=re.escape(field)):
+        plan_pod(manifest(**container), CTX)
+
+
+def test_a_pod_without_containers_is_refused() -> None:
+    with pytest.raises(PodSpecError, match=r"spec\.containers"):
+        plan_pod({"metadata": {"name": "x"}, "spec": {}}, CTX)
