@@ -106,7 +106,13 @@ class InjectorConfig:
                 continue
             text = value if isinstance(value, str) else _yaml_scalar(value)
             fields[target] = _parse_field(key, target, text)
-        return cls(**fields)
+        try:
+            return cls(**fields)
+        except ConfigError as exc:
+            # Name the ConfigMap key the user wrote, not the Python field.
+            target, _, rest = str(exc).partition(":")
+            key = next((k for k, t in _KEYS.items() if t == target), target)
+            raise ConfigError(f"{key}:{rest}") from None
 
     def to_configmap_data(self) -> dict[str, str]:
         out: dict[str, str] = {}

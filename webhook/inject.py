@@ -145,6 +145,15 @@ def _list(obj: Mapping[str, Any], key: str, where: str) -> Sequence[Any]:
     return value
 
 
+def _named(obj: Mapping[str, Any], key: str, where: str) -> Sequence[Mapping[str, Any]]:
+    """A list of objects that each have a string `name` (containers, volumes)."""
+    items = _list(obj, key, where)
+    for i, item in enumerate(items):
+        if not isinstance(item.get("name"), str):
+            raise InjectionError(f"{where}{key}[{i}].name", _short(item.get("name")), "a string")
+    return items
+
+
 def _strings(obj: Mapping[str, Any], where: str) -> Mapping[str, str]:
     for key, value in obj.items():
         if not isinstance(value, str):
@@ -173,7 +182,7 @@ def _view(pod: Mapping[str, Any]) -> _PodView:
         raise InjectionError("object", _short(pod), "a Pod object")
     metadata = _mapping(pod, "metadata", "")
     spec = _mapping(pod, "spec", "")
-    containers = _list(spec, "containers", "spec.")
+    containers = _named(spec, "containers", "spec.")
     if not containers:
         raise InjectionError("spec.containers", _short(spec.get("containers")), "a non-empty list")
     return _PodView(
@@ -184,8 +193,8 @@ def _view(pod: Mapping[str, Any]) -> _PodView:
         ),
         spec=spec,
         containers=containers,
-        init_containers=_list(spec, "initContainers", "spec."),
-        volumes=_list(spec, "volumes", "spec."),
+        init_containers=_named(spec, "initContainers", "spec."),
+        volumes=_named(spec, "volumes", "spec."),
     )
 
 
