@@ -6,7 +6,9 @@ cannot create network namespaces (not root, no `ip netns`, no veth/bridge).
 - `node`: a fresh node namespace with a bridge (unique name prefix), torn down
   after the test whatever happens; `node.add_pod("a")` gives a bare Pod
   namespace (`.ip`, `.spawn()`, `.exec()`, `.connect()`, `.wait_for_port()`).
-- `start_pod(spec, **kw)`: runs an already injected Pod spec on `node`.
+- `module_node`: the same, shared by one module's tests; `node6`: Pods also get
+  a unique-local IPv6 address (fd00:5e:1::/64).
+- `start(spec, **kw)`: runs an already injected Pod spec on `node` (start_pod).
 - `injected_pod(manifest, **kw)`: injects with the webhook core, then runs it.
 - `synchro_init`: the `synchro-init` console script's path.
 
