@@ -50,8 +50,9 @@ class Problem:
         where = self.origin or "<input>"
         if self.index is not None:
             where += f" document {self.index + 1}"
+        what = f" ({self.ref})" if self.kind or self.name else ""
         fld = f" {self.field}:" if self.field else ""
-        return f"{where} ({self.ref}):{fld} {self.message} [{self.condition}=False {self.reason}]"
+        return f"{where}{what}:{fld} {self.message} [{self.condition}=False {self.reason}]"
 
 
 def _key(ns: str, name: str) -> tuple[str, str]:

@@ -438,7 +438,7 @@ class FaultAbort:
     def __post_init__(self) -> None:
         _check(
             (self.http_status is None) != (self.grpc_status is None),
-            "abort: exactly one of http_status, grpc_status",
+            "http_status: set exactly one of http_status and grpc_status",
         )
         if self.http_status is not None:
             _check(200 <= self.http_status <= 599, "http_status: must be within 200..599")
