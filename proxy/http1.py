@@ -24,8 +24,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import socket
-import uuid
 import weakref
 from collections import deque
 from typing import Final
@@ -112,8 +112,30 @@ def error_response(status: int, *, close: bool, head: bool = False) -> bytes:
     )
 
 
-def _new_request_id() -> bytes:
-    return str(uuid.uuid4()).encode()
+class _RequestIds:
+    """Random (version 4) UUIDs from a batch of OS randomness: one getrandom()
+    call per 256 requests instead of one per request."""
+
+    __slots__ = ("_buf", "_pos")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._pos = 0
+
+    def __call__(self) -> bytes:
+        pos = self._pos
+        if pos + 16 > len(self._buf):
+            self._buf = os.urandom(16 * 256)
+            pos = 0
+        self._pos = pos + 16
+        raw = bytearray(self._buf[pos : pos + 16])
+        raw[6] = (raw[6] & 0x0F) | 0x40
+        raw[8] = (raw[8] & 0x3F) | 0x80
+        h = raw.hex().encode()
+        return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+
+
+_new_request_id: Final = _RequestIds()
 
 
 # ---------------------------------------------------------------------------
@@ -375,6 +397,7 @@ class _Conn:
         self.ctx = ctx
         self.reader = ds.reader
         self.writer = ds.writer
+        self.transport = ds.writer.transport
         self.stats = ds.stats
         self.pool = upstream_pool.pool_for(ctx)
         self.rr = _RequestReader(ctx.max_header_bytes)
@@ -449,12 +472,17 @@ class _Conn:
     # -- I/O helpers ----------------------------------------------------------
 
     async def _write(self, data: bytes) -> None:
-        self.writer.write(data)
+        transport = self.transport
+        if transport.is_closing():
+            raise ClientGone("client connection closed")
+        transport.write(data)
         self.stats.bytes_to_downstream += len(data)
-        try:
-            await self.writer.drain()
-        except (ConnectionError, OSError) as exc:
-            raise ClientGone(str(exc)) from None
+        # Most writes go out at once; only wait (for flow control) when they did not.
+        if transport.get_write_buffer_size():
+            try:
+                await self.writer.drain()
+            except (ConnectionError, OSError) as exc:
+                raise ClientGone(str(exc)) from None
 
     async def _read_up(self, up: UpstreamConnection) -> bytes:
         try:

@@ -195,7 +195,9 @@ class Pool:
         self.reuses = 0
 
     def _now(self) -> float:
-        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+        if self._clock is None:
+            self._clock = asyncio.get_running_loop().time
+        return self._clock()
 
     @property
     def idle_count(self) -> int:
@@ -227,10 +229,11 @@ class Pool:
         if not reusable or self.closed or not conn.usable():
             conn.close()
             return
-        if not self._idle.put(conn.address, conn, self._now()):
+        now = self._now()
+        if not self._idle.put(conn.address, conn, now):
             conn.close()
             return
-        self._schedule(self._now() + self.settings.idle_timeout)
+        self._schedule(now + self.settings.idle_timeout)
 
     def _schedule(self, at: float) -> None:
         if self._timer is not None and self._timer_at <= at:
