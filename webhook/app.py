@@ -17,6 +17,7 @@ import pydantic
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter, Histogram
+from starlette.requests import ClientDisconnect
 
 from webhook.config import InjectorConfig
 from webhook.review import AdmissionReviewIn, AdmissionReviewOut, admit, internal_error
@@ -53,6 +54,12 @@ class BodyTooLarge(WebhookError):
     status_code = 413
 
 
+class ClientGone(WebhookError):
+    """The caller hung up before sending the whole body; nobody reads the answer."""
+
+    status_code = 400
+
+
 def _webhook_error(_request: Request, exc: Exception) -> JSONResponse:
     status = exc.status_code if isinstance(exc, WebhookError) else 500
     return JSONResponse({"error": str(exc)}, status_code=status)
@@ -64,11 +71,14 @@ async def _read_body(request: Request) -> bytes:
         raise BodyTooLarge(f"request body over {MAX_BODY_BYTES} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise BodyTooLarge(f"request body over {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise BodyTooLarge(f"request body over {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone("client disconnected before the end of the body") from None
     return b"".join(chunks)
 
 
