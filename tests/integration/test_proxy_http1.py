@@ -86,7 +86,12 @@ class Upstream(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
+    drop_next = False
+
     def _route(self) -> None:
+        if self.drop_next:
+            self.close_connection = True
+            return
         url = urlsplit(self.path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         size = int(query.get("size", "0"))
@@ -139,6 +144,13 @@ class Upstream(BaseHTTPRequestHandler):
             self._body()
             time.sleep(float(query.get("seconds", "1")))
             self._send(200, b"slow")
+        elif url.path == "/drop-next":
+            # Keep-alive, but the next request on this connection is dropped
+            # unanswered: what a server closing an idle connection does when a
+            # request crosses its FIN.
+            self._body()
+            self._send(200, b"bye")
+            self.drop_next = True
         elif url.path == "/reject":
             self._body()
             self._send(401, b"")
@@ -673,3 +685,49 @@ def test_client_vanishing_mid_download_breaks_nothing(proxy: RunningProxy) -> No
     _reset(s)
     still_serves(proxy)
     assert proxy.alive()
+
+
+def test_stale_pooled_connection_is_retried_for_bodyless_requests(proxy: RunningProxy) -> None:
+    with connect(proxy) as s, s.makefile("rb") as f:
+        for _ in range(3):
+            s.sendall(b"GET /drop-next HTTP/1.1\r\nHost: a\r\n\r\n")
+            resp = read_response(f)
+            assert (resp.status, resp.body) == (200, b"bye")
+            # Goes out on the pooled connection, is dropped, and goes again on a new one.
+            s.sendall(b"GET /echo HTTP/1.1\r\nHost: a\r\n\r\n")
+            echo(read_response(f))
+
+
+def test_request_with_body_on_a_stale_connection_is_not_resent(proxy: RunningProxy) -> None:
+    with connect(proxy) as s, s.makefile("rb") as f:
+        s.sendall(b"GET /drop-next HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert read_response(f).status == 200
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+        # It may have reached the upstream: not ours to repeat.
+        assert read_response(f).status == 502
+        s.sendall(b"GET /echo HTTP/1.1\r\nHost: a\r\n\r\n")
+        echo(read_response(f))
+
+
+# ---------------------------------------------------------------------------
+# Draining
+
+
+def test_drain_closes_idle_keep_alive_and_marks_in_flight_responses(upstream: int) -> None:
+    with run_proxy(static_destination=f"127.0.0.1:{upstream}", drain_seconds=30) as p:
+        idle = connect(p)
+        busy = connect(p)
+        with idle, busy, idle.makefile("rb") as idle_f, busy.makefile("rb") as busy_f:
+            idle.sendall(b"GET /echo HTTP/1.1\r\nHost: a\r\n\r\n")
+            echo(read_response(idle_f))
+            busy.sendall(b"GET /slow?seconds=1.5 HTTP/1.1\r\nHost: a\r\n\r\n")
+            time.sleep(0.3)
+            assert p.request("POST", "/drain", on="admin")[0] == 202
+            # The in-flight request completes, told that the connection ends.
+            resp = read_response(busy_f)
+            assert resp.status == 200 and resp.body == b"slow"
+            assert resp.get("connection") == "close"
+            assert busy_f.read() == b""
+            # The idle one is closed without waiting out the drain time.
+            assert idle_f.read() == b""
+        p.wait_exit(timeout=15)
