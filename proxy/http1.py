@@ -642,6 +642,9 @@ class _Conn:
         self.wd_kind = _STREAM
         self._touch(self.idle_timeout)
         await self._write(error_response(status, close=not keep, head=req.method == b"HEAD"))
+        if not self.body_done:
+            # Unread body bytes would make our close a reset that can eat the answer.
+            await self._lingering_close()
         return keep
 
     def _take_body(self, out: list[bytes], chunked: bool, req: _Request) -> bool:
@@ -801,7 +804,8 @@ class _Conn:
             head.append(b"Connection: close\r\n")
         elif not req.http11:
             head.append(b"Connection: keep-alive\r\n")
-        if framing is Framing.CHUNKED:
+        if framing is Framing.CHUNKED or (head_request and rmeta.chunked and req.http11):
+            # (A HEAD answer says how the GET answer would be framed.)
             head.append(b"Transfer-Encoding: chunked\r\n")
         head.append(_CRLF)
         self.response_started = True

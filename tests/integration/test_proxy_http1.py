@@ -409,6 +409,7 @@ def test_head_has_no_body_and_the_connection_goes_on(proxy: RunningProxy) -> Non
         s.sendall(b"HEAD /download?size=1000 HTTP/1.1\r\nHost: a\r\n\r\n")
         resp = read_response(f, head=True)
         assert resp.status == 200
+        assert resp.get("transfer-encoding") == "chunked"
         # Had the proxy sent any body, this would be read as the next status line.
         s.sendall(b"GET /length?size=7 HTTP/1.1\r\nHost: a\r\n\r\n")
         resp = read_response(f)
@@ -611,6 +612,13 @@ def test_upstream_refused_gets_502_and_keeps_the_client_connection() -> None:
         r = curl("-v", url(p, "/a"), url(p, "/b"))
         assert r.stderr.count("< HTTP/1.1 502") == 2, r.stderr
         assert "Re-using existing connection" in r.stderr
+        # With an upload the proxy never reads: the answer still arrives.
+        with connect(p) as s, s.makefile("rb") as f:
+            s.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 5242880\r\n\r\n")
+            s.sendall(payload(MiB))
+            resp = read_response(f)
+            assert resp.status == 502
+            assert resp.get("connection") == "close"
         assert p.alive()
 
 
