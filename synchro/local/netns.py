@@ -41,6 +41,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/run/netns")
+ETC_NETNS = Path("/etc/netns")
 STATE_DIR = Path(os.environ.get("SYNCHRO_LOCAL_STATE_DIR", "/run/synchro-local"))
 RUN_ROOT = Path("/tmp/synchro-local")
 DEFAULT_SUBNET = "10.213.0.0/24"
@@ -182,6 +183,10 @@ def wrap_argv(netns: str, argv: Sequence[str], uid: int | None, gid: int | None)
     """The command line that runs `argv` inside `netns` as `uid`/`gid`."""
     # Absolute paths: the command's own environment may have no useful PATH.
     out = [_tool("nsenter"), f"--net={NETNS_DIR / netns}", "--"]
+    if (ETC_NETNS / netns).is_dir():
+        # `ip netns exec` also bind-mounts /etc/netns/<netns>/* over /etc
+        # (the per-Pod hosts file of `synchro up`).
+        out = [_tool("ip"), "netns", "exec", netns]
     if uid is not None or gid is not None:
         out += [_tool("setpriv"), "--clear-groups"]
         if uid is not None:

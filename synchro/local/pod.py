@@ -93,7 +93,7 @@ class Pod:
         return self.processes[container]
 
     def log(self, container: str) -> str:
-        path = self.net.node.logdir / self.name / f"{container}.log"
+        path = self.net.node.logdir / self.net.name / f"{container}.log"
         try:
             return path.read_text(errors="replace")
         except OSError:
@@ -207,16 +207,21 @@ def start_pod(
     volume_files: Mapping[str, Mapping[str, str]] | None = None,
     wait_ready: bool = True,
     timeout: float = 30.0,
+    key: str | None = None,
 ) -> Pod:
     """Create a Pod namespace on `node` and run `pod` in it. On failure nothing
-    of the Pod is left behind and `PodStartError` says which container failed."""
+    of the Pod is left behind and `PodStartError` says which container failed.
+
+    `key` names the Pod's namespace on the node when the Pod's name alone is not
+    unique there (Pods of the same name in two Kubernetes namespaces)."""
     meta = pod.get("metadata") or {}
     pod_name = name or meta.get("name")
     if not isinstance(pod_name, str) or not pod_name:
         raise PodSpecError("metadata.name: expected a name (or pass name=)")
     ns = namespace or meta.get("namespace") or "default"
     spec = pod.get("spec") or {}
-    net = node.add_pod(pod_name)
+    key = key or pod_name
+    net = node.add_pod(key)
     try:
         ctx = PodContext(
             name=pod_name,
@@ -226,14 +231,14 @@ def start_pod(
             node_name=node.netns,
             host_ip=str(node.gateway),
             uid=f"local-{node.prefix}-{pod_name}",
-            volumes=_prepare_volumes(node, pod_name, spec, volume_files or {}),
+            volumes=_prepare_volumes(node, key, spec, volume_files or {}),
         )
         plan = plan_pod(pod, ctx, env_overrides)
         running = Pod(pod_name, ns, net, plan, pod)
         _start_steps(running, wait_ready=wait_ready, timeout=timeout)
         return running
     except BaseException:
-        node.remove_pod(pod_name)
+        node.remove_pod(key)
         raise
 
 
