@@ -10,6 +10,7 @@ read the status from trailers and would report a 502 as a vague INTERNAL error.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 
 Header = tuple[bytes, bytes]
@@ -31,31 +32,106 @@ CONNECTION_SPECIFIC = frozenset(
 REQUEST_ID = b"x-request-id"
 GRPC_UNAVAILABLE = 14
 
+_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+# RFC 9110 5.6.2 tchar, lowercase only (RFC 9113 8.2.1); pseudo-header names start with ':'.
+_NAME = re.compile(rb":?[!#$%&'*+\-.^_`|~0-9a-z]+")
+# Names seen to be valid, so that the regex runs once per name, not once per header.
+_good_names: set[bytes] = set()
+_MAX_GOOD_NAMES = 4096
+_WHITESPACE = (0x20, 0x09)
 
-def _forwardable(name: bytes, value: bytes) -> bool:
-    if name in CONNECTION_SPECIFIC:
-        return False
-    # `te` may only carry "trailers" in HTTP/2 (gRPC relies on it).
-    return name != b"te" or value.strip().lower() == b"trailers"
+
+class MalformedHeaders(ValueError):
+    """A header block HTTP/2 calls malformed (RFC 9113 8.1.1): a stream error."""
+
+
+def _check_field(name: bytes, value: bytes) -> None:
+    if name not in _good_names:
+        if _NAME.fullmatch(name) is None:
+            raise MalformedHeaders(f"invalid header name {name[:64]!r}")
+        if len(_good_names) >= _MAX_GOOD_NAMES:
+            _good_names.clear()
+        _good_names.add(name)
+    if b"\r" in value or b"\n" in value or b"\x00" in value:
+        raise MalformedHeaders(f"invalid character in the value of {name[:64]!r}")
+    if value and (value[0] in _WHITESPACE or value[-1] in _WHITESPACE):
+        raise MalformedHeaders(f"whitespace around the value of {name[:64]!r}")
 
 
 def request_headers(headers: Iterable[Header], new_request_id: Callable[[], bytes]) -> list[Header]:
-    """Headers to send upstream: connection-specific fields dropped, x-request-id added when absent."""
+    """Validate a request header block and make the one to send upstream.
+
+    Raises MalformedHeaders for what RFC 9113 8.2/8.3 forbid (including
+    connection-specific fields); adds x-request-id when absent.
+    """
     out: list[Header] = []
+    pseudo: dict[bytes, bytes] = {}
+    regular = False
     has_id = False
     for name, value in headers:
-        if _forwardable(name, value):
-            out.append((name, value))
+        _check_field(name, value)
+        if name[0] == 0x3A:  # ':'
+            if regular or name not in _REQUEST_PSEUDO or name in pseudo:
+                raise MalformedHeaders(f"misplaced, unknown or repeated pseudo-header {name!r}")
+            pseudo[name] = value
+        else:
+            regular = True
+            if name in CONNECTION_SPECIFIC:
+                raise MalformedHeaders(f"connection-specific header {name!r}")
+            if name == b"te" and value != b"trailers":
+                raise MalformedHeaders("te other than trailers")
             if name == REQUEST_ID:
                 has_id = True
+        out.append((name, value))
+    method = pseudo.get(b":method")
+    if not method:
+        raise MalformedHeaders("no :method")
+    if method == b"CONNECT":
+        if b":authority" not in pseudo or b":path" in pseudo or b":scheme" in pseudo:
+            raise MalformedHeaders("CONNECT needs :authority and no :scheme or :path")
+    elif not pseudo.get(b":scheme") or not pseudo.get(b":path"):
+        raise MalformedHeaders("no :scheme or :path")
     if not has_id:
         out.append((REQUEST_ID, new_request_id()))
     return out
 
 
 def response_headers(headers: Iterable[Header]) -> list[Header]:
-    """Response headers or trailers to send downstream, connection-specific fields dropped."""
-    return [(n, v) for n, v in headers if _forwardable(n, v)]
+    """Validate a response header block and make the one to send downstream.
+
+    Connection-specific fields a sloppy upstream sends are dropped rather than
+    failing the response; anything else malformed raises MalformedHeaders.
+    """
+    out: list[Header] = []
+    status: bytes | None = None
+    regular = False
+    for name, value in headers:
+        _check_field(name, value)
+        if name[0] == 0x3A:
+            if regular or name != b":status" or status is not None:
+                raise MalformedHeaders(f"misplaced, unknown or repeated pseudo-header {name!r}")
+            status = value
+        else:
+            regular = True
+            if name in CONNECTION_SPECIFIC or name == b"te":
+                continue
+        out.append((name, value))
+    if status is None or len(status) != 3 or not status.isdigit():
+        raise MalformedHeaders(f"missing or invalid :status {status!r}")
+    return out
+
+
+def trailer_headers(headers: Iterable[Header]) -> list[Header]:
+    """Validate trailers (either direction): regular fields only."""
+    out: list[Header] = []
+    for name, value in headers:
+        _check_field(name, value)
+        if name[0] == 0x3A:
+            raise MalformedHeaders(f"pseudo-header {name!r} in trailers")
+        if name in CONNECTION_SPECIFIC or name == b"te":
+            continue
+        out.append((name, value))
+    return out
 
 
 def header_value(headers: Iterable[Header], name: bytes) -> bytes | None:

@@ -38,7 +38,14 @@ from hyperframe.frame import GoAwayFrame
 
 from proxy.conn import Address, Downstream, ProxyContext
 from proxy.h2conn import Endpoint, Header, Pipe, new_connection, reset_stream
-from proxy.h2headers import GRPC_UNAVAILABLE, error_response, request_headers, response_headers
+from proxy.h2headers import (
+    GRPC_UNAVAILABLE,
+    MalformedHeaders,
+    error_response,
+    request_headers,
+    response_headers,
+    trailer_headers,
+)
 from proxy.h2pool import H2Pool, H2UpstreamError, UpstreamConnection
 
 log = logging.getLogger(__name__)
@@ -54,6 +61,7 @@ _NO_ERROR = int(h2.errors.ErrorCodes.NO_ERROR)
 _REFUSED = int(h2.errors.ErrorCodes.REFUSED_STREAM)
 _CANCEL = int(h2.errors.ErrorCodes.CANCEL)
 _INTERNAL = int(h2.errors.ErrorCodes.INTERNAL_ERROR)
+_PROTOCOL = int(h2.errors.ErrorCodes.PROTOCOL_ERROR)
 
 _pools: weakref.WeakKeyDictionary[ProxyContext, H2Pool] = weakref.WeakKeyDictionary()
 
@@ -217,11 +225,16 @@ class Exchange:
     # -- from the upstream stream (proxy.h2pool.UpstreamStream) ----------------
 
     def up_response(self, headers: list[Header], ended: bool) -> None:
+        try:
+            forward = response_headers(headers)
+        except MalformedHeaders as exc:
+            self._bad_upstream_headers(exc)
+            return
         self.responded = True
         self.req.sent_log = None
         down = self.down
         try:
-            down.h2.send_headers(self.down_id, response_headers(headers), end_stream=ended)
+            down.h2.send_headers(self.down_id, forward, end_stream=ended)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self._cancel_upstream(_CANCEL)
             return
@@ -234,10 +247,30 @@ class Exchange:
 
     def up_informational(self, headers: list[Header]) -> None:
         try:
-            self.down.h2.send_headers(self.down_id, response_headers(headers))
+            forward = response_headers(headers)
+        except MalformedHeaders as exc:
+            self._bad_upstream_headers(exc)
+            return
+        try:
+            self.down.h2.send_headers(self.down_id, forward)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             return
         self.down.mark()
+
+    def _bad_upstream_headers(self, exc: MalformedHeaders) -> None:
+        log.info("upstream %s sent malformed headers: %s", self.up and self.up.address, exc)
+        if self.responded:
+            self._reset_both(_PROTOCOL)
+            return
+        if self.up is not None:
+            reset_stream(self.up, self.up_id, _PROTOCOL)
+        self._attempt_failed(False, f"malformed response: {exc}", retry=False)
+
+    def _reset_both(self, error_code: int) -> None:
+        if self.up is not None:
+            reset_stream(self.up, self.up_id, error_code)
+        reset_stream(self.down, self.down_id, error_code)
+        self._finish()
 
     def up_data(self, data: bytes, flow_len: int, ended: bool) -> None:
         resp = self.resp
@@ -247,7 +280,11 @@ class Exchange:
     def up_trailers(self, headers: list[Header]) -> None:
         resp = self.resp
         assert resp is not None
-        resp.finish(response_headers(headers))
+        try:
+            resp.finish(trailer_headers(headers))
+        except MalformedHeaders as exc:
+            log.info("upstream %s sent malformed trailers: %s", self.up and self.up.address, exc)
+            self._reset_both(_PROTOCOL)
 
     def up_ended(self) -> None:
         resp = self.resp
@@ -278,7 +315,11 @@ class Exchange:
     # -- from the client stream ------------------------------------------------
 
     def down_trailers(self, headers: list[Header]) -> None:
-        self.req.finish(response_headers(headers))
+        try:
+            self.req.finish(trailer_headers(headers))
+        except MalformedHeaders as exc:
+            log.info("client %s sent malformed trailers: %s", self.down.downstream.peer, exc)
+            self._reset_both(_PROTOCOL)
 
     def down_ended(self) -> None:
         if not self.req.ended:
@@ -435,7 +476,12 @@ class DownstreamConnection(Endpoint):
             reset_stream(self, stream_id, _REFUSED)
             return
         self.stats.requests += 1
-        ex = Exchange(self, stream_id, headers, ended)
+        try:
+            ex = Exchange(self, stream_id, headers, ended)
+        except MalformedHeaders as exc:
+            log.info("client %s sent a malformed request: %s", self.downstream.peer, exc)
+            reset_stream(self, stream_id, _PROTOCOL)
+            return
         self.exchanges[stream_id] = ex
         ex.start()
 

@@ -178,6 +178,23 @@ def test_connection_specific_headers_are_not_forwarded(
     assert UUID.match(seen["x-request-id"])
 
 
+def test_malformed_request_is_a_stream_error(
+    h2_server: TinyH2Server, h2_proxy: InProcessH2Proxy
+) -> None:
+    seen = len(h2_server.requests)
+    with H2Client(h2_proxy.port, validate=False) as c:
+        assert c.get("/hello", headers=[("connection", "close")]).reset == 1  # PROTOCOL_ERROR
+        assert c.get("/hello", headers=[("x-bad", "a\r\nb: c")]).reset == 1
+        assert c.get("/hello").status == 200  # the connection is still good
+    assert len(h2_server.requests) == seen + 1
+
+
+def test_malformed_response_is_502(h2_proxy: InProcessH2Proxy) -> None:
+    with H2Client(h2_proxy.port) as c:
+        assert c.get("/bad-response").status == 502
+        assert c.get("/hello").status == 200
+
+
 def test_upstream_reset_reaches_the_client_with_its_code(h2_proxy: InProcessH2Proxy) -> None:
     with H2Client(h2_proxy.port) as c:
         assert c.get("/reset/11").reset == 11  # ENHANCE_YOUR_CALM

@@ -8,6 +8,7 @@ Paths the server knows:
   and close; afterwards 200 "second try".
 - `/big/<n>`: n bytes of body, sent as the client's window allows (`sent_bytes` counts).
 - `/slow/<ms>`: headers now, body "slow" after <ms> milliseconds.
+- `/bad-response`: a malformed response (an uppercase header name).
 - `/hold`: headers now, then nothing until reset (resets are recorded in `resets`).
 """
 
@@ -31,7 +32,12 @@ class _ServerConnection(asyncio.Protocol):
     def __init__(self, server: TinyH2Server) -> None:
         self.server = server
         self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+            h2.config.H2Configuration(
+                client_side=False,
+                header_encoding="utf-8",
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
         )
         self.transport: Any = None
         self.bodies: dict[int, bytearray] = {}
@@ -104,6 +110,8 @@ class _ServerConnection(asyncio.Protocol):
             self.h2.send_headers(sid, [(":status", "200")])
             delay = int(path.rsplit("/", 1)[1]) / 1000
             asyncio.get_running_loop().call_later(delay, self.finish_slow, sid)
+        elif path == "/bad-response":
+            self.h2.send_headers(sid, [(":status", "200"), ("Bad-Upper", "x")], end_stream=True)
         elif path == "/hold":
             self.h2.send_headers(sid, [(":status", "200")])
             self.waiting[sid] = asyncio.get_running_loop().create_future()
@@ -248,10 +256,17 @@ class _GoawayTolerantConnection(h2.connection.H2Connection):
 class H2Client:
     """A blocking h2c client over one socket, for tests that need frame-level control."""
 
-    def __init__(self, port: int, *, auto_ack: bool = True, window: int | None = None) -> None:
+    def __init__(
+        self, port: int, *, auto_ack: bool = True, window: int | None = None, validate: bool = True
+    ) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.h2 = _GoawayTolerantConnection(
-            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+            h2.config.H2Configuration(
+                client_side=True,
+                header_encoding="utf-8",
+                validate_outbound_headers=validate,
+                normalize_outbound_headers=validate,
+            )
         )
         self.auto_ack = auto_ack
         self.h2.initiate_connection()
