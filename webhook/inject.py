@@ -38,7 +38,6 @@ The init container runs `synchro-init` with `InterceptOptions.to_args()`.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -335,9 +334,7 @@ def _probe_rewrites(view: _PodView) -> tuple[ProbeRewrite, ...]:
                 "scheme": "HTTP",
             }
             out.append(
-                ProbeRewrite(
-                    index, name, field_name, copy.deepcopy(dict(probe)), resolved, rewritten
-                )
+                ProbeRewrite(index, name, field_name, _clone(dict(probe)), resolved, rewritten)
             )
     return tuple(out)
 
@@ -351,7 +348,7 @@ def _resolve_probe(
     port = _resolve_port(action.get("port"), container)
     if port is None:
         return None
-    resolved: dict[str, Any] = {handler: {**copy.deepcopy(dict(action)), "port": port}}
+    resolved: dict[str, Any] = {handler: {**_clone(dict(action)), "port": port}}
     if handler == "httpGet":
         resolved[handler].setdefault("path", "/")
         resolved[handler].setdefault("scheme", "HTTP")
@@ -584,13 +581,15 @@ def escape(key: str) -> str:
 def patch(pod: Mapping[str, Any], injection: Injection) -> list[Op]:
     """JSON Patch operations that apply `injection` to `pod`, in order."""
     view = _view(pod)
-    proxy = copy.deepcopy(dict(injection.proxy_container))
-    init = copy.deepcopy(dict(injection.init_container))
+    # The values share structure with `injection` (fresh from `plan`, never
+    # mutated); `apply` copies them. Deep-copying here cost two thirds of a review.
+    proxy = dict(injection.proxy_container)
+    init = dict(injection.init_container)
     ops: list[Op] = []
     # Replace probes by index before the proxy shifts the app containers.
     for rw in injection.probes:
         path = f"/spec/containers/{rw.container_index}/{rw.probe}"
-        ops.append({"op": "replace", "path": path, "value": copy.deepcopy(dict(rw.rewritten))})
+        ops.append({"op": "replace", "path": path, "value": dict(rw.rewritten)})
     if not injection.native:
         ops.append({"op": "add", "path": "/spec/containers/0", "value": proxy})
     inits = [init, proxy] if injection.native else [init]
@@ -599,7 +598,7 @@ def patch(pod: Mapping[str, Any], injection: Injection) -> list[Op]:
     else:
         for i, container in enumerate(inits):
             ops.append({"op": "add", "path": f"/spec/initContainers/{i}", "value": container})
-    volumes = [copy.deepcopy(dict(v)) for v in injection.volumes]
+    volumes = [dict(v) for v in injection.volumes]
     if view.spec.get("volumes") is None:
         ops.append({"op": "add", "path": "/spec/volumes", "value": volumes})
     else:
@@ -619,15 +618,24 @@ def patch(pod: Mapping[str, Any], injection: Injection) -> list[Op]:
 
 def apply(pod: Mapping[str, Any], ops: Sequence[Op]) -> Pod:
     """`pod` with `ops` applied; `pod` itself is left alone."""
-    result: Pod = jsonpatch.apply_patch(pod, list(ops), in_place=False)
+    result: Pod = jsonpatch.apply_patch(pod, _clone(list(ops)), in_place=False)
     return result
+
+
+def _clone(value: Any) -> Any:
+    """A deep copy of JSON-shaped data, several times faster than copy.deepcopy."""
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clone(v) for v in value]
+    return value
 
 
 def inject_pod(pod: Mapping[str, Any], namespace: str, config: InjectorConfig) -> Pod:
     """The injected Pod (an unchanged copy when the plan is to skip)."""
     decision = plan(pod, namespace, config)
     if isinstance(decision, Skip):
-        return copy.deepcopy(dict(pod))
+        return _clone(dict(pod))
     return apply(pod, patch(pod, decision))
 
 
@@ -663,10 +671,10 @@ def uninject_pod(pod: Mapping[str, Any]) -> Pod:
     """Undo `inject_pod` exactly, from the `synchro.dev/status` annotation."""
     view = _view(pod)
     if not is_injected(pod):
-        return copy.deepcopy(dict(pod))
+        return _clone(dict(pod))
     raw = view.annotations.get(ann.STATUS)
     status = _LEGACY_STATUS if raw is None else _read_status(raw)
-    out: Pod = copy.deepcopy(dict(pod))
+    out: Pod = _clone(dict(pod))
     spec = out["spec"]
     for key in ("containers", "initContainers"):
         if spec.get(key) is not None:
