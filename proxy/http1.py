@@ -550,7 +550,14 @@ class _Conn:
         if status is None or self.response_started:
             log.debug("http1: %s: closing: %s", self.ds.peer, exc)
             return
-        log.info("http1: %s: %d: %s", self.ds.peer, status, exc)
+        # Client mistakes are the client's business; a flood of them must not flood the log.
+        log.log(
+            logging.DEBUG if status < 500 else logging.INFO,
+            "http1: %s: %d: %s",
+            self.ds.peer,
+            status,
+            exc,
+        )
         self.response_started = True
         data = error_response(status, close=True)
         self.writer.write(data)

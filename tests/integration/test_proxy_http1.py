@@ -739,3 +739,25 @@ def test_drain_closes_idle_keep_alive_and_marks_in_flight_responses(upstream: in
             # The idle one is closed without waiting out the drain time.
             assert idle_f.read() == b""
         p.wait_exit(timeout=15)
+
+
+def test_random_garbage_after_a_request_line_never_takes_the_proxy_down(
+    proxy: RunningProxy,
+) -> None:
+    rng = random.Random(1234)
+    for i in range(60):
+        junk = rng.randbytes(rng.randrange(1, 3000))
+        if i % 3 == 0:
+            junk = junk.replace(b"\r", b"").replace(b"\n", b"") + b"\r\n\r\n"
+        with connect(proxy) as s:
+            s.settimeout(5)
+            try:
+                s.sendall(b"GET /echo HTTP/1.1\r\nHost: a\r\n" + junk)
+                s.shutdown(socket.SHUT_WR)
+                while s.recv(65536):
+                    pass
+            except OSError:
+                pass
+    still_serves(proxy)
+    assert proxy.alive()
+    assert "Traceback" not in proxy.log()
