@@ -37,7 +37,15 @@ if __package__ in (None, ""):
     # Run as `python3 bench/webhook.py`: make the repository root importable.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench._common import Proc, Processes, free_port, percentile, plan_placement, wait_for_port
+from bench._common import (
+    Proc,
+    Processes,
+    free_port,
+    percentile,
+    plan_placement,
+    tree_cpu_seconds,
+    wait_for_port,
+)
 from controlplane import webhook_tls
 
 WARMUP = 200
@@ -159,6 +167,8 @@ class Result:
     max_ms: float
     server_cpu: str
     client_cpu: str
+    server_cpu_us_per_review: float  # 0 for --url
+    client_cpu_us_per_review: float
 
 
 def start_controller(
@@ -228,9 +238,15 @@ def main(argv: list[str] | None = None) -> int:
             pass
         try:
             asyncio.run(run_load(host, port, ca, WARMUP, args.concurrency, "warmup"))
+            server_before = tree_cpu_seconds([controller.pid]) if controller else 0.0
+            client_before = time.process_time()
             latencies, seconds = asyncio.run(
                 run_load(host, port, ca, args.requests, args.concurrency, "review")
             )
+            client_cpu_s = time.process_time() - client_before
+            server_cpu_s = (
+                tree_cpu_seconds([controller.pid]) if controller else 0.0
+            ) - server_before
         except (BenchError, OSError, asyncio.IncompleteReadError) as exc:
             print(f"bench/webhook.py: {exc}", file=sys.stderr)
             if controller is not None:
@@ -246,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         max_ms=round(max(latencies) * 1000, 2),
         server_cpu=server_cpu,
         client_cpu=",".join(map(str, sorted(placement.load))) or "any",
+        server_cpu_us_per_review=round(server_cpu_s / len(latencies) * 1e6, 1),
+        client_cpu_us_per_review=round(client_cpu_s / len(latencies) * 1e6, 1),
     )
     if args.json:
         print(json.dumps(asdict(result)))
@@ -254,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{result.requests} AdmissionReviews over HTTPS, concurrency {result.concurrency}: "
             f"{result.reviews_per_second} reviews/s, p50 {result.p50_ms} ms, "
             f"p99 {result.p99_ms} ms, max {result.max_ms} ms "
-            f"(server on CPU {result.server_cpu}, client on CPU {result.client_cpu})"
+            f"(server on CPU {result.server_cpu}: {result.server_cpu_us_per_review} us CPU/review; "
+            f"client on CPU {result.client_cpu}: {result.client_cpu_us_per_review} us CPU/review)"
         )
     return 0
 

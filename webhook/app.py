@@ -8,7 +8,6 @@ JSON error; a well-formed review always gets an AdmissionReview back.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -83,17 +82,16 @@ async def _read_body(request: Request) -> bytes:
 
 
 def _parse_review(body: bytes) -> AdmissionReviewIn:
+    # pydantic parses the JSON itself (in Rust): a third of the cost of
+    # json.loads followed by validation.
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadReview(f"request body is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadReview("request body is not a JSON object; expected an AdmissionReview")
-    try:
-        return AdmissionReviewIn.model_validate(data)
+        return AdmissionReviewIn.model_validate_json(body)
     except pydantic.ValidationError as exc:
+        errors = exc.errors()
+        if errors and errors[0]["type"] == "json_invalid":
+            raise BadReview(f"request body is not JSON: {errors[0]['msg']}") from None
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5]
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5]
         )
         raise BadReview(f"not an admission.k8s.io/v1 AdmissionReview: {problems}") from None
 
@@ -103,7 +101,6 @@ def create_router(config: ConfigSource) -> APIRouter:
     current = config if callable(config) else (lambda: config)
     router = APIRouter()
 
-    @router.post("/mutate")
     async def mutate(request: Request) -> Response:
         review = _parse_review(await _read_body(request))
         started = time.perf_counter()
@@ -129,6 +126,10 @@ def create_router(config: ConfigSource) -> APIRouter:
             log.debug("%s %s: %s", decision, review.request.uid, detail)
         body = AdmissionReviewOut(response=response).to_json()
         return Response(content=body, media_type="application/json")
+
+    # A plain Starlette route: FastAPI's dependency machinery is not needed
+    # for one raw-body endpoint and costs tens of microseconds per review.
+    router.add_route("/mutate", mutate, methods=["POST"])
 
     @router.get("/healthz")
     async def healthz() -> dict[str, str]:
