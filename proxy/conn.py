@@ -12,6 +12,10 @@ import asyncio
 import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.telemetry.telemetry import Telemetry
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,11 @@ class ProxyContext:
         self.max_header_bytes = max_header_bytes
         # Set when the proxy drains: handlers stop keep-alive and finish in-flight work.
         self.draining = asyncio.Event()
+        # Imported here: the telemetry package imports this module's types.
+        from proxy.telemetry.telemetry import Telemetry
+
+        # Records nothing until the process entry installs the configured one.
+        self.telemetry: Telemetry = Telemetry.disabled()
 
 
 Handler = Callable[[Downstream, ProxyContext], Awaitable[None]]

@@ -14,7 +14,9 @@ and `synchro-proxy drain` (see the contract in webhook/inject.py).
 
 Settings come from flags; the webhook's environment (`SYNCHRO_CONCURRENCY`,
 `SYNCHRO_DRAIN_SECONDS`, `SYNCHRO_LOG_LEVEL`, `SYNCHRO_OPAQUE_PORTS`,
-`SYNCHRO_APP_PROBES`) overrides the defaults; a flag given explicitly wins.
+`SYNCHRO_APP_PROBES`, and for telemetry `SYNCHRO_ACCESS_LOG`,
+`SYNCHRO_TRACE_SAMPLING`, `SYNCHRO_OTLP_ENDPOINT`, `SYNCHRO_METRICS`) overrides
+the defaults; a flag given explicitly wins.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ from proxy.admin import AdminApp, AdminHooks
 from proxy.conn import Address, Direction, ProxyContext
 from proxy.listener import Listener, ListenerSettings, parse_host_port, parse_listen
 from proxy.status import AppProbes, ProbeConfigError, StatusApp, parse_app_probes, start_http_server
+from proxy.telemetry.telemetry import (
+    Telemetry,
+    TelemetryError,
+    TelemetrySettings,
+    setup_access_logger,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,7 @@ class Settings:
     idle_timeout: float = 3600.0
     opaque_ports: frozenset[int] = field(default_factory=lambda: ports.SERVER_FIRST_PORTS)
     app_probes: str = ""
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= 64:
@@ -97,6 +106,7 @@ class Settings:
             "header_timeout": self.header_timeout,
             "idle_timeout": self.idle_timeout,
             "opaque_ports": sorted(self.opaque_ports),
+            "telemetry": self.telemetry.dump(),
         }
 
 
@@ -166,6 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="extra server-first ports, comma-separated (env SYNCHRO_OPAQUE_PORTS)",
     )
+    p.add_argument(
+        "--access-log", default=None, choices=("off", "json", "text"), help="env SYNCHRO_ACCESS_LOG"
+    )
+    p.add_argument(
+        "--trace-sampling", default=None, help="percent of new traces (env SYNCHRO_TRACE_SAMPLING)"
+    )
+    p.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        help="OTLP/HTTP traces URL, empty: no tracing (env SYNCHRO_OTLP_ENDPOINT)",
+    )
+    p.add_argument("--metrics", default=None, choices=("on", "off"), help="env SYNCHRO_METRICS")
     p.add_argument("--worker-ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -215,6 +237,16 @@ def parse_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings
         if not concurrency.isdigit():
             raise SettingsError(f"SYNCHRO_CONCURRENCY: {concurrency!r} is not an integer")
         concurrency = int(concurrency)
+    try:
+        telemetry = TelemetrySettings.from_env(
+            env,
+            metrics=args.metrics,
+            access_log=args.access_log,
+            trace_sampling=args.trace_sampling,
+            otlp_endpoint=args.otlp_endpoint,
+        )
+    except TelemetryError as exc:
+        raise SettingsError(str(exc)) from None
     opaque = ports.SERVER_FIRST_PORTS | _ports(
         pick(args.opaque_ports, "SYNCHRO_OPAQUE_PORTS", ""), "opaque ports"
     )
@@ -235,6 +267,7 @@ def parse_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings
         idle_timeout=args.idle_timeout,
         opaque_ports=opaque,
         app_probes=env.get("SYNCHRO_APP_PROBES", ""),
+        telemetry=telemetry,
     )
 
 
@@ -345,12 +378,15 @@ async def run_proxy(settings: Settings, *, worker_ready_fd: int | None = None) -
         header_timeout=settings.header_timeout,
         idle_timeout=settings.idle_timeout,
     )
+    telemetry = ctx.telemetry = Telemetry(settings.telemetry)
     stopper = _Stopper()
     stopper.install_signals()
     worker = worker_ready_fd is not None
     listeners = _listeners(settings, ctx, reuse_port=worker)
     for item in listeners:
         await item.start()
+    telemetry.open_connections = lambda: sum(len(i.connections) for i in listeners)
+    telemetry.start()
     servers: list[asyncio.Server] = []
     background: list[asyncio.Task[None]] = []
     if worker:
@@ -361,10 +397,12 @@ async def run_proxy(settings: Settings, *, worker_ready_fd: int | None = None) -
     else:
         v6 = listener_mod.ipv6_available()
         status = StatusApp(
-            lambda: "draining" if ctx.draining.is_set() else None, _load_probes(settings)
+            lambda: "draining" if ctx.draining.is_set() else None,
+            _load_probes(settings),
+            metrics=telemetry.exposition,
         )
         servers += await start_http_server(
-            "status", _without_unusable_ipv6(settings.status_listen, v6), status.route
+            "status", _without_unusable_ipv6(settings.status_listen, v6), header_route=status.route
         )
         admin = AdminApp(
             AdminHooks(
@@ -398,6 +436,7 @@ async def run_proxy(settings: Settings, *, worker_ready_fd: int | None = None) -
     await listener_mod.wait_connections(listeners, 1.0)
     for task in background:
         task.cancel()
+    await telemetry.aclose()
     await _close_servers(servers)
     log.info("synchro-proxy exiting")
     return 0
@@ -468,9 +507,12 @@ async def run_supervisor(settings: Settings, argv: Sequence[str]) -> int:
         return f"{waiting} of {len(slots)} workers not ready" if waiting else None
 
     v6 = listener_mod.ipv6_available()
-    status = StatusApp(not_ready, _load_probes(settings))
+    # The workers' request metrics stay in the workers; this serves the supervisor's own.
+    telemetry = Telemetry.disabled()
+    telemetry.start()
+    status = StatusApp(not_ready, _load_probes(settings), metrics=telemetry.exposition)
     servers = await start_http_server(
-        "status", _without_unusable_ipv6(settings.status_listen, v6), status.route
+        "status", _without_unusable_ipv6(settings.status_listen, v6), header_route=status.route
     )
     admin = AdminApp(
         AdminHooks(
@@ -511,6 +553,7 @@ async def run_supervisor(settings: Settings, argv: Sequence[str]) -> int:
         for slot in slots:
             slot.signal(signal.SIGKILL)
         await asyncio.wait(tasks, timeout=2.0)
+    await telemetry.aclose()
     await _close_servers(servers)
     log.info("synchro-proxy supervisor exiting")
     return 0
@@ -594,6 +637,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if settings.telemetry.access_log != "off":
+        setup_access_logger()
+    if settings.telemetry.endpoint_error:
+        log.error("%s", settings.telemetry.endpoint_error)
     raise_nofile_limit()
     import uvloop
 

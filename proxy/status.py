@@ -4,6 +4,8 @@
 - `GET /app-health/<container>/<livez|readyz|startupz>`: runs the container's
   original probe (from `SYNCHRO_APP_PROBES`) against the app and answers 200 when
   it passes, 503 when it fails, 404 when no such probe is known.
+- `GET /metrics`: Prometheus text, or OpenMetrics when the scraper's `Accept`
+  asks for `application/openmetrics-text`.
 
 Also the tiny HTTP/1.1 server (one request per connection, httptools parser)
 that the admin endpoint shares: probes and admin calls are rare, so keep-alive
@@ -56,6 +58,11 @@ class Response:
 
 Route = Callable[[str, str], Awaitable[Response]]
 """(method, path without query) -> Response."""
+HeaderRoute = Callable[[str, str, Mapping[str, str]], Awaitable[Response]]
+"""(method, path without query, the request headers in `KEPT_HEADERS`) -> Response."""
+
+# The only request headers a status or admin route looks at.
+KEPT_HEADERS: Final = frozenset({b"accept"})
 
 _REASONS: Final = {
     200: "OK",
@@ -71,20 +78,30 @@ _REASONS: Final = {
 
 
 class _Request:
-    __slots__ = ("complete", "url")
+    __slots__ = ("complete", "headers", "url")
 
     def __init__(self) -> None:
         self.url = b""
         self.complete = False
+        self.headers: dict[str, str] = {}
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lowered = name.lower()
+        if lowered in KEPT_HEADERS:
+            key = lowered.decode("latin-1")
+            text = value.decode("latin-1")
+            self.headers[key] = f"{self.headers[key]},{text}" if key in self.headers else text
 
     def on_message_complete(self) -> None:
         self.complete = True
 
 
-async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str] | Response:
+async def _read_request(
+    reader: asyncio.StreamReader,
+) -> tuple[str, str, dict[str, str]] | Response:
     request = _Request()
     parser = httptools.HttpRequestParser(request)
     seen = 0
@@ -105,7 +122,8 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str] | Respo
     except httptools.HttpParserError as exc:
         return Response.text(400, f"malformed request: {exc}")
     path = httptools.parse_url(request.url).path or b"/"
-    return parser.get_method().decode("latin-1"), unquote(path.decode("latin-1"))
+    method = parser.get_method().decode("latin-1")
+    return method, unquote(path.decode("latin-1")), request.headers
 
 
 def _encode(response: Response) -> bytes:
@@ -119,18 +137,32 @@ def _encode(response: Response) -> bytes:
 
 
 async def start_http_server(
-    name: str, addresses: Iterable[Address], route: Route
+    name: str,
+    addresses: Iterable[Address],
+    route: Route | None = None,
+    *,
+    header_route: HeaderRoute | None = None,
 ) -> list[asyncio.Server]:
+    """Serve `route(method, path)`, or `header_route(method, path, headers)`
+    for routes that look at request headers."""
+    if (route is None) == (header_route is None):
+        raise ValueError("give exactly one of route and header_route")
+
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await _read_request(reader)
             if isinstance(request, Response):
                 response = request
             else:
+                method, path, headers = request
                 try:
-                    response = await route(*request)
+                    if header_route is not None:
+                        response = await header_route(method, path, headers)
+                    else:
+                        assert route is not None
+                        response = await route(method, path)
                 except Exception:
-                    log.exception("%s: %s %s failed", name, *request)
+                    log.exception("%s: %s %s failed", name, method, path)
                     response = Response.text(500, "internal error")
             writer.write(_encode(response))
             await writer.drain()
@@ -434,16 +466,32 @@ def _s(value: str | bytes) -> str:
 # -- the status routes -----------------------------------------------------------
 
 
-class StatusApp:
-    """Routes of the status port. `not_ready()` returns why not, or None when ready."""
+Exposition = Callable[[str], tuple[bytes, str]]
+"""The scraper's Accept header -> (metrics body, content type)."""
 
-    def __init__(self, not_ready: Callable[[], str | None], probes: AppProbes) -> None:
+
+class StatusApp:
+    """Routes of the status port. `not_ready()` returns why not, or None when ready;
+    `metrics` renders `/metrics` (404 without it)."""
+
+    def __init__(
+        self,
+        not_ready: Callable[[], str | None],
+        probes: AppProbes,
+        metrics: Exposition | None = None,
+    ) -> None:
         self.not_ready = not_ready
         self.probes = probes
+        self.metrics = metrics
 
-    async def route(self, method: str, path: str) -> Response:
+    async def route(
+        self, method: str, path: str, headers: Mapping[str, str] | None = None
+    ) -> Response:
         if method not in ("GET", "HEAD"):
             return Response.text(405, "only GET")
+        if path == "/metrics" and self.metrics is not None:
+            body, content_type = self.metrics((headers or {}).get("accept", ""))
+            return Response(200, body, content_type)
         if path == "/healthz/ready":
             reason = self.not_ready()
             return Response.text(503, reason) if reason else Response.text(200, "ready")

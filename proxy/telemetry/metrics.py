@@ -106,7 +106,12 @@ class ProxyMetrics:
             registry=r,
         )
         self.spans_dropped = Counter(
-            "synchro_spans_dropped", "Spans dropped because the export queue was full", registry=r
+            "synchro_spans_dropped",
+            "Spans dropped: export queue full or the collector failed",
+            registry=r,
+        )
+        self.spans_exported = Counter(
+            "synchro_spans_exported", "Spans the collector accepted", registry=r
         )
         self._children: dict[tuple[str, ...], tuple[object, object, object, object]] = {}
 

@@ -36,3 +36,10 @@ class RequestRecord:
     span_id: str = ""
     attempts: int = 1
     extra: dict[str, str] = field(default_factory=dict)
+    # Filled by `Telemetry.begin`; the span and the duration are derived from them.
+    parent_span_id: str = ""  # the caller's span ("" for a new trace)
+    sampled: bool = False
+    tracestate: str = ""
+    http_version: str = ""  # "1.1" | "2" (network.protocol.version)
+    peer_address: str = ""  # the downstream client's "host:port"
+    mono_start: float = 0.0  # time.perf_counter() at begin, 0 when not measured

@@ -1,0 +1,484 @@
+"""The telemetry facade the protocol handlers call: one call when a request
+starts, one when it ends.
+
+    rec, trace_headers = ctx.telemetry.begin(
+        downstream.direction, "http", request_headers,
+        method=b"GET", authority=b"catalog:8080", path=b"/items?id=1",
+        http_version="1.1", peer=downstream.peer,
+    )
+    headers = replace_trace_headers(request_headers, trace_headers)  # forward these
+    ...                                   # proxy the request; then fill in the outcome:
+    rec.status = 200; rec.response_bytes = n; rec.flags = flags.render(...)
+    ctx.telemetry.end(rec)                # metrics, access log, span
+
+`end` feeds one `RequestRecord` to the metrics, the access log and (when the
+trace is sampled) the span exporter, so the three always agree. Nothing here
+blocks: spans leave through `SpanExporter`'s bounded queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import IO, Final
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from proxy.conn import Address, Direction
+from proxy.telemetry.accesslog import ACCESS_LOGGER, FORMATS, AccessLog
+from proxy.telemetry.metrics import ProxyMetrics
+from proxy.telemetry.propagation import extract, inject, new_span_id, new_trace_id, sample
+from proxy.telemetry.record import RequestRecord
+from proxy.telemetry.selfmetrics import LagWindow, SelfCollector, watch_loop_lag
+from proxy.telemetry.tracing import (
+    HttpSender,
+    OtlpEndpoint,
+    ResourceInfo,
+    SpanExporter,
+    TracingError,
+    parse_endpoint,
+)
+
+log = logging.getLogger(__name__)
+
+Header = tuple[bytes, bytes]
+TRACE_HEADER_NAMES: Final = frozenset(
+    {
+        b"traceparent",
+        b"tracestate",
+        b"b3",
+        b"x-b3-traceid",
+        b"x-b3-spanid",
+        b"x-b3-parentspanid",
+        b"x-b3-sampled",
+        b"x-b3-flags",
+    }
+)
+_REQUEST_ID: Final = b"x-request-id"
+_USER_AGENT: Final = b"user-agent"
+_CONTENT_TYPE: Final = b"content-type"
+_INTERESTING: Final = TRACE_HEADER_NAMES | {_REQUEST_ID, _USER_AGENT, _CONTENT_TYPE}
+_OUTBOUND_NAMES: Final = frozenset({"source", "outbound"})
+
+
+class TelemetryError(ValueError):
+    """A telemetry setting (flag or environment) the proxy cannot use."""
+
+
+# -- settings -------------------------------------------------------------------
+
+# Kubernetes' name suffixes come from this alphabet (no vowels, no 0/1/3).
+_K8S_ALPHABET: Final = frozenset("bcdfghjklmnpqrstvwxz2456789")
+
+
+def workload_name(pod: str) -> str:
+    """The owner's name from a Pod's name: `reviews-v1-7f9c8d6b5-x2x9z` ->
+    `reviews-v1` (Deployment), `db-0` -> `db` (StatefulSet), `agent-x2x9z` ->
+    `agent` (DaemonSet, Job)."""
+    parts = pod.split("-")
+    if len(parts) > 1 and parts[-1].isdigit():
+        return "-".join(parts[:-1])
+    if len(parts) > 1 and len(parts[-1]) == 5 and set(parts[-1]) <= _K8S_ALPHABET:
+        parts.pop()
+        if len(parts) > 1 and 6 <= len(parts[-1]) <= 10 and set(parts[-1]) <= _K8S_ALPHABET:
+            parts.pop()
+    return "-".join(parts)
+
+
+def _flag(value: str, name: str) -> bool:
+    v = value.strip().lower()
+    if v in ("on", "true", "1", "yes"):
+        return True
+    if v in ("off", "false", "0", "no"):
+        return False
+    raise TelemetryError(f"{name}: {value!r}: expected on or off")
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySettings:
+    metrics: bool = True
+    access_log: str = "off"  # off | json | text
+    trace_sampling: float = 1.0  # percent of new traces
+    otlp_endpoint: str = ""  # OTLP/HTTP traces URL; empty: no tracing
+    workload: str = ""
+    namespace: str = ""
+    principal: str = ""  # this proxy's SPIFFE ID
+    pod: str = ""
+    span_queue_size: int = 2048
+    span_batch_size: int = 512
+    span_flush_interval: float = 1.0
+    # Why tracing is off although an endpoint was configured (logged at start).
+    endpoint_error: str = ""
+
+    def __post_init__(self) -> None:
+        if self.access_log not in FORMATS:
+            raise TelemetryError(
+                f"access log {self.access_log!r}: expected one of {', '.join(FORMATS)}"
+            )
+        if not 0.0 <= self.trace_sampling <= 100.0:
+            raise TelemetryError(f"trace sampling {self.trace_sampling:g}: expected 0-100 percent")
+        if self.otlp_endpoint:
+            try:
+                parse_endpoint(self.otlp_endpoint)
+            except TracingError as exc:
+                raise TelemetryError(str(exc)) from None
+        if self.span_queue_size < 1 or self.span_batch_size < 1 or self.span_flush_interval <= 0:
+            raise TelemetryError("span queue size, batch size and flush interval must be positive")
+
+    @property
+    def endpoint(self) -> OtlpEndpoint | None:
+        return parse_endpoint(self.otlp_endpoint) if self.otlp_endpoint else None
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str],
+        *,
+        metrics: str | None = None,
+        access_log: str | None = None,
+        trace_sampling: str | None = None,
+        otlp_endpoint: str | None = None,
+    ) -> TelemetrySettings:
+        """Flags (the keyword arguments, None when not given) win over the
+        webhook's environment, which wins over the defaults. Pure.
+
+        A malformed collector URL from the environment (the mesh-wide
+        `tracingEndpoint`) turns tracing off and says why in `endpoint_error`
+        rather than stopping every proxy of the mesh; a bad flag is an error."""
+
+        def pick(flag: str | None, name: str, default: str) -> str:
+            if flag is not None:
+                return flag
+            value = env.get(name, "").strip()
+            return value or default
+
+        sampling_text = pick(trace_sampling, "SYNCHRO_TRACE_SAMPLING", "1")
+        try:
+            sampling = float(sampling_text)
+        except ValueError:
+            raise TelemetryError(
+                f"trace sampling {sampling_text!r}: expected a percentage such as 1 or 2.5"
+            ) from None
+        pod = env.get("POD_NAME", "").strip()
+        namespace = env.get("POD_NAMESPACE", "").strip()
+        account = env.get("SERVICE_ACCOUNT", "").strip()
+        domain = env.get("SYNCHRO_TRUST_DOMAIN", "").strip() or "cluster.local"
+        principal = (
+            f"spiffe://{domain}/ns/{namespace}/sa/{account}" if namespace and account else ""
+        )
+        endpoint = pick(otlp_endpoint, "SYNCHRO_OTLP_ENDPOINT", "")
+        endpoint_error = ""
+        if endpoint and otlp_endpoint is None:
+            try:
+                parse_endpoint(endpoint)
+            except TracingError as exc:
+                endpoint, endpoint_error = "", f"tracing off: {exc}"
+        return cls(
+            metrics=_flag(pick(metrics, "SYNCHRO_METRICS", "on"), "metrics"),
+            access_log=pick(access_log, "SYNCHRO_ACCESS_LOG", "off").lower(),
+            trace_sampling=sampling,
+            otlp_endpoint=endpoint,
+            endpoint_error=endpoint_error,
+            workload=env.get("SYNCHRO_WORKLOAD", "").strip() or workload_name(pod),
+            namespace=namespace,
+            principal=principal,
+            pod=pod,
+        )
+
+    def dump(self) -> dict[str, object]:
+        return {
+            "metrics": self.metrics,
+            "access_log": self.access_log,
+            "trace_sampling": self.trace_sampling,
+            "otlp_endpoint": self.otlp_endpoint or None,
+            "endpoint_error": self.endpoint_error or None,
+            "workload": self.workload,
+            "namespace": self.namespace,
+            "principal": self.principal,
+        }
+
+
+def setup_access_logger(stream: IO[str] | None = None) -> None:
+    """Access lines go to stdout, bare, whatever the proxy's own log level."""
+    logger = logging.getLogger(ACCESS_LOGGER)
+    if any(getattr(h, "_synchro_access", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._synchro_access = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+def replace_trace_headers(headers: list[Header], trace_headers: list[Header]) -> list[Header]:
+    """`headers` without the incoming trace fields, plus `trace_headers` (what
+    `Telemetry.begin` returned). The same list when there is nothing to add."""
+    if not trace_headers:
+        return headers
+    replaced = {name for name, _ in trace_headers}
+    kept = [
+        (name, value)
+        for name, value in headers
+        if (lowered := name.lower()) not in TRACE_HEADER_NAMES and lowered not in replaced
+    ]
+    return kept + trace_headers
+
+
+# -- the facade -----------------------------------------------------------------
+
+
+class Telemetry:
+    """Per-process telemetry: metrics registry, access log and span exporter.
+
+    `Telemetry.disabled()` (the `ProxyContext` default) records nothing and
+    costs one small object per request.
+    """
+
+    def __init__(
+        self,
+        settings: TelemetrySettings | None = None,
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+        send: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self.settings = settings = settings or TelemetrySettings()
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self.registry = CollectorRegistry()
+        self.metrics = ProxyMetrics(self.registry) if settings.metrics else None
+        self.lag = LagWindow()
+        self.open_connections: Callable[[], int] | None = None
+        self.registry.register(SelfCollector(self.lag, lambda: self._open_connections()))
+        self.access_log = AccessLog(settings.access_log) if settings.access_log != "off" else None
+        self.exporter: SpanExporter | None = None
+        endpoint = settings.endpoint
+        if endpoint is not None:
+            metrics = self.metrics
+            self.exporter = SpanExporter(
+                send or HttpSender(endpoint),
+                ResourceInfo(
+                    service_name=settings.workload or "synchro-proxy",
+                    namespace=settings.namespace,
+                    pod=settings.pod,
+                    workload=settings.workload,
+                ),
+                queue_size=settings.span_queue_size,
+                batch_size=settings.span_batch_size,
+                flush_interval=settings.span_flush_interval,
+                on_dropped=metrics.spans_dropped.inc if metrics else lambda n: None,
+                on_exported=metrics.spans_exported.inc if metrics else lambda n: None,
+            )
+        self._tracing = self.exporter is not None
+        self._percent = settings.trace_sampling
+        # Headers are read only when something uses what they carry.
+        self._scan = self._tracing or self.access_log is not None
+        self._enabled = self._scan or self.metrics is not None
+        self._lag_task: asyncio.Task[None] | None = None
+        self._failures = 0
+
+    @classmethod
+    def disabled(cls) -> Telemetry:
+        return cls(TelemetrySettings(metrics=False))
+
+    def _open_connections(self) -> int:
+        return self.open_connections() if self.open_connections is not None else 0
+
+    # -- lifecycle (the process adapter calls these) ---------------------------
+
+    def start(self) -> None:
+        """Start the exporter thread and the loop-lag watch (on the running loop)."""
+        if self.exporter is not None:
+            self.exporter.start()
+        if self._lag_task is None:
+            self._lag_task = asyncio.get_running_loop().create_task(watch_loop_lag(self.lag))
+
+    async def aclose(self, timeout: float = 2.0) -> None:
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            self._lag_task = None
+        if self.exporter is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.exporter.close, timeout)
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The `/metrics` body and its content type: OpenMetrics when the
+        scraper's Accept asks for it, else Prometheus text 0.0.4."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+    # -- per request -----------------------------------------------------------
+
+    def begin(
+        self,
+        direction: Direction | str,
+        protocol: str,
+        headers: Iterable[Header] = (),
+        *,
+        method: str | bytes = "",
+        authority: str | bytes = "",
+        path: str | bytes = "",
+        http_version: str = "1.1",
+        peer: Address | str | None = None,
+        destination_service: str = "",
+    ) -> tuple[RequestRecord, list[Header]]:
+        """A record for one request and the trace headers to forward with it.
+
+        `direction`: `Direction.OUTBOUND` (we report as "source", the span is a
+        client span) or `Direction.INBOUND` ("destination", server span).
+        `protocol`: "http" or "grpc"; "http" with `content-type: application/grpc`
+        is counted as gRPC. `headers`: the request's fields as received.
+        The returned headers replace the request's trace fields (see
+        `replace_trace_headers`); they also carry `x-request-id` when the
+        request had none and something records it.
+        """
+        rec = self._record(direction, protocol, destination_service)
+        if not self._enabled:
+            return rec, []
+        rec.http_version = http_version
+        rec.method = _text(method)
+        rec.authority = _text(authority)
+        rec.path = _text(path)
+        if peer is not None:
+            rec.peer_address = str(peer)
+        if not self._scan:
+            if protocol == "http":
+                for name, value in headers:
+                    if len(name) == 12 and name.lower() == _CONTENT_TYPE:
+                        if value.startswith(b"application/grpc"):
+                            rec.protocol = "grpc"
+                        break
+            return rec, []
+        return rec, self._read_headers(rec, headers)
+
+    def _record(self, direction: Direction | str, protocol: str, service: str) -> RequestRecord:
+        if isinstance(direction, Direction):
+            outbound = direction is Direction.OUTBOUND
+        else:
+            outbound = direction in _OUTBOUND_NAMES
+        rec = RequestRecord("source" if outbound else "destination", protocol, self._clock())
+        if not self._enabled:
+            return rec
+        rec.mono_start = time.perf_counter()
+        rec.destination_service = service
+        s = self.settings
+        if outbound:
+            rec.source_workload = s.workload
+            rec.source_namespace = s.namespace
+            rec.source_principal = s.principal
+        else:
+            rec.destination_workload = s.workload
+            rec.destination_namespace = s.namespace
+            rec.destination_principal = s.principal
+        return rec
+
+    def _read_headers(self, rec: RequestRecord, headers: Iterable[Header]) -> list[Header]:
+        found: dict[str, str] = {}
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered in _INTERESTING:
+                found[lowered.decode("latin-1")] = value.decode("latin-1")
+        if rec.protocol == "http" and found.get("content-type", "").startswith("application/grpc"):
+            rec.protocol = "grpc"
+        out: list[Header] = []
+        request_id = found.get("x-request-id")
+        if request_id is None:
+            request_id = _uuid4(self._rng)
+            out.append((_REQUEST_ID, request_id.encode()))
+        rec.request_id = request_id
+        parent = extract(found)
+        if not self._tracing:
+            if parent is not None:
+                rec.trace_id = parent.trace_id
+            return out
+        if parent is not None:
+            rec.trace_id = parent.trace_id
+            rec.parent_span_id = parent.span_id
+            rec.tracestate = parent.tracestate
+        else:
+            rec.trace_id = new_trace_id(self._rng)
+        rec.span_id = new_span_id(self._rng)
+        rec.sampled = sample(parent, rec.trace_id, self._percent)
+        if rec.sampled and "user-agent" in found:
+            rec.extra["user_agent"] = found["user-agent"]
+        # B3 apps keep getting B3 at every hop, next to W3C.
+        b3 = "b3" if "b3" in found else "b3multi" if "x-b3-traceid" in found else None
+        out += [
+            (name.encode(), value.encode("latin-1"))
+            for name, value in inject(
+                rec.trace_id,
+                rec.span_id,
+                rec.sampled,
+                tracestate=rec.tracestate,
+                incoming_fmt=b3,
+            )
+        ]
+        return out
+
+    def end(self, rec: RequestRecord) -> None:
+        """The request is over (answered, failed or reset): record it once."""
+        if not self._enabled:
+            return
+        try:
+            if rec.mono_start and not rec.duration:
+                rec.duration = time.perf_counter() - rec.mono_start
+            if self.metrics is not None:
+                if rec.protocol == "tcp":
+                    self.metrics.observe_tcp(rec, opened=False)
+                else:
+                    self.metrics.observe_request(rec)
+            if self.access_log is not None:
+                self.access_log.emit(rec)
+            if rec.sampled and self.exporter is not None:
+                self.exporter.submit(rec)
+        except Exception:  # telemetry must never fail a request
+            self._failures += 1
+            if self._failures <= 3:
+                log.exception("telemetry: recording a request failed")
+
+    # -- per TCP connection ----------------------------------------------------
+
+    def tcp_open(
+        self,
+        direction: Direction | str,
+        *,
+        peer: Address | str | None = None,
+        upstream_host: Address | str | None = None,
+        destination_service: str = "",
+    ) -> RequestRecord:
+        """A record for an opaque TCP connection; counts it opened. Set peer
+        identities before calling (they label both the opened and closed counts)."""
+        rec = self._record(direction, "tcp", destination_service)
+        if peer is not None:
+            rec.peer_address = str(peer)
+        if upstream_host is not None:
+            rec.upstream_host = str(upstream_host)
+        if self.metrics is not None:
+            self.metrics.observe_tcp(rec, opened=True)
+        return rec
+
+    def tcp_close(self, rec: RequestRecord) -> None:
+        """The connection closed: `rec.request_bytes` (from downstream) and
+        `rec.response_bytes` (to downstream) should hold the byte counts."""
+        rec.protocol = "tcp"
+        self.end(rec)
+
+
+_UUID_VERSION_MASK: Final = ~((0xF << 76) | (0xC << 60))
+_UUID_VERSION_4: Final = (0x4 << 76) | (0x8 << 60)
+
+
+def _uuid4(rng: random.Random) -> str:
+    """x-request-id as a version 4 UUID, from the proxy's (non-crypto) rng."""
+    h = f"{(rng.getrandbits(128) & _UUID_VERSION_MASK) | _UUID_VERSION_4:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
