@@ -294,18 +294,18 @@ class Exchange:
     def up_reset(self, error_code: int) -> None:
         if self.closed:
             return
+        self.up = None  # h2pool already dropped the stream
         if error_code == _REFUSED and not self.responded:
             self._attempt_failed(True, "upstream refused the stream")
             return
         resp = self.resp
-        if error_code == _NO_ERROR and resp is not None and resp.done:
-            # The server has answered in full and wants no more of the request.
+        if error_code == _NO_ERROR and resp is not None and resp.ended:
+            # RFC 9113 8.1: the server answered in full and wants no more of the
+            # request. The answer may still be on its way to the client.
             self.req.abandon()
-            if not self.req.ended:
-                reset_stream(self.down, self.down_id, _NO_ERROR)
-        else:
-            reset_stream(self.down, self.down_id, error_code)
-        self.up = None  # h2pool already dropped the stream
+            self._pipe_done()
+            return
+        reset_stream(self.down, self.down_id, error_code)
         self._finish()
 
     def up_failed(self, unprocessed: bool, reason: str) -> None:
@@ -347,6 +347,10 @@ class Exchange:
     def _pipe_done(self) -> None:
         resp = self.resp
         if resp is not None and resp.done and self.req.done and not self.closed:
+            if not self.req.ended:
+                # The request was cut short (the upstream wants no more of it):
+                # after the complete answer, ask the client to stop sending.
+                reset_stream(self.down, self.down_id, _NO_ERROR)
             self._finish()
 
     def _finish(self) -> None:

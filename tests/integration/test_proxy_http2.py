@@ -195,6 +195,19 @@ def test_malformed_response_is_502(h2_proxy: InProcessH2Proxy) -> None:
         assert c.get("/hello").status == 200
 
 
+def test_early_complete_response_then_no_error_reset(h2_proxy: InProcessH2Proxy) -> None:
+    """The upstream answers before the request ended and resets with NO_ERROR: the
+    client still gets the whole answer (through a small window), then NO_ERROR."""
+    with H2Client(h2_proxy.port, window=1000) as c:
+        sid = c.request("/early/15000", method="POST", body=b"partial", end=False)
+        c.pump(lambda: c.streams[sid].ended or c.streams[sid].reset is not None)
+        assert c.streams[sid].status == 200
+        assert c.streams[sid].ended and len(c.streams[sid].body) == 15000
+        c.pump(lambda: c.streams[sid].reset is not None)
+        assert c.streams[sid].reset == 0
+        assert c.get("/hello").status == 200
+
+
 def test_upstream_reset_reaches_the_client_with_its_code(h2_proxy: InProcessH2Proxy) -> None:
     with H2Client(h2_proxy.port) as c:
         assert c.get("/reset/11").reset == 11  # ENHANCE_YOUR_CALM

@@ -8,6 +8,8 @@ Paths the server knows:
   and close; afterwards 200 "second try".
 - `/big/<n>`: n bytes of body, sent as the client's window allows (`sent_bytes` counts).
 - `/slow/<ms>`: headers now, body "slow" after <ms> milliseconds.
+- `/early/<n>`: answers n bytes (n < 16 KiB) at once, before the request body
+  ended, then RST_STREAM(NO_ERROR): "no more of the request, thanks".
 - `/bad-response`: a malformed response (an uppercase header name).
 - `/hold`: headers now, then nothing until reset (resets are recorded in `resets`).
 """
@@ -110,6 +112,11 @@ class _ServerConnection(asyncio.Protocol):
             self.h2.send_headers(sid, [(":status", "200")])
             delay = int(path.rsplit("/", 1)[1]) / 1000
             asyncio.get_running_loop().call_later(delay, self.finish_slow, sid)
+        elif path.startswith("/early/"):
+            size = int(path.rsplit("/", 1)[1])
+            self.h2.send_headers(sid, [(":status", "200")])
+            self.h2.send_data(sid, b"e" * size, end_stream=True)
+            self.h2.reset_stream(sid, 0)
         elif path == "/bad-response":
             self.h2.send_headers(sid, [(":status", "200"), ("Bad-Upper", "x")], end_stream=True)
         elif path == "/hold":
