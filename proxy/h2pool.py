@@ -93,6 +93,16 @@ class UpstreamConnection(Endpoint, asyncio.Protocol):
             self.flush_now()
             self._lost(f"upstream protocol error: {exc}")
             return
+        try:
+            self._dispatch(events)
+        except Exception:
+            # A bug of ours must not leave the streams of this connection hanging.
+            log.exception("upstream %s: failed handling HTTP/2 events", self.address)
+            self._lost("internal error")
+            return
+        self.mark()
+
+    def _dispatch(self, events: list[Any]) -> None:
         streams = self.streams
         for ev in events:
             kind = type(ev)
@@ -123,7 +133,6 @@ class UpstreamConnection(Endpoint, asyncio.Protocol):
                     self._maybe_idle()
             else:
                 self._other_event(ev)
-        self.mark()
 
     def _other_event(self, ev: h2.events.Event) -> None:
         if isinstance(ev, _EV_INFO):

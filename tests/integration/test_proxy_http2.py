@@ -256,6 +256,29 @@ def test_flow_control_end_to_end(h2_server: TinyH2Server, h2_proxy: InProcessH2P
         assert c.streams[sid].ended and len(c.streams[sid].body) == size
 
 
+def test_upstream_connection_lost(h2_proxy: InProcessH2Proxy) -> None:
+    with H2Client(h2_proxy.port) as c:
+        assert c.get("/vanish").status == 502  # nothing answered yet: a 502
+        dropped = c.get("/drop")  # answer started: the client's stream is reset
+        assert dropped.status == 200 and dropped.reset == 2  # INTERNAL_ERROR
+        assert c.get("/hello").status == 200
+
+
+def test_idle_connections_are_closed_both_sides(h2_server: TinyH2Server) -> None:
+    with InProcessH2Proxy(
+        ("127.0.0.1", h2_server.port), idle_timeout=0.3, pool_idle_timeout=0.3
+    ) as proxy:
+        with H2Client(proxy.port) as c:
+            assert c.get("/hello").status == 200
+            assert proxy.upstream_connections() == 1
+            c.pump(lambda: c.goaway is not None, timeout=5)
+            c.pump(lambda: c.closed, timeout=5)
+        deadline = time.monotonic() + 5
+        while proxy.upstream_connections() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy.upstream_connections() == 0
+
+
 def test_plain_upstream_down_is_502() -> None:
     with InProcessH2Proxy(("127.0.0.1", free_port())) as proxy, H2Client(proxy.port) as c:
         assert c.get("/hello").status == 502

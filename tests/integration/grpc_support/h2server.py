@@ -10,6 +10,7 @@ Paths the server knows:
 - `/slow/<ms>`: headers now, body "slow" after <ms> milliseconds.
 - `/early/<n>`: answers n bytes (n < 16 KiB) at once, before the request body
   ended, then RST_STREAM(NO_ERROR): "no more of the request, thanks".
+- `/vanish`: drops the connection before answering; `/drop`: after a partial answer.
 - `/bad-response`: a malformed response (an uppercase header name).
 - `/hold`: headers now, then nothing until reset (resets are recorded in `resets`).
 """
@@ -117,6 +118,13 @@ class _ServerConnection(asyncio.Protocol):
             self.h2.send_headers(sid, [(":status", "200")])
             self.h2.send_data(sid, b"e" * size, end_stream=True)
             self.h2.reset_stream(sid, 0)
+        elif path == "/vanish":
+            self.transport.abort()
+        elif path == "/drop":
+            self.h2.send_headers(sid, [(":status", "200")])
+            self.h2.send_data(sid, b"partial")
+            self.flush()
+            self.transport.abort()
         elif path == "/bad-response":
             self.h2.send_headers(sid, [(":status", "200"), ("Bad-Upper", "x")], end_stream=True)
         elif path == "/hold":
