@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -85,6 +86,14 @@ def test_grpc_large_messages_both_ways(client: EchoClient) -> None:
     assert client.echo(big, timeout=30) == big
     chunks = [os.urandom(3 * 1024 * 1024) for _ in range(4)]
     assert list(client.chat(iter(chunks), timeout=30)) == [b"re:" + c for c in chunks]
+
+
+def test_grpc_concurrent_large_messages_share_the_connection_windows(client: EchoClient) -> None:
+    """More bytes in flight than any connection window: connection-level flow control
+    on all four h2 connections has to hand window back in turn, without a stall."""
+    payloads = [os.urandom(2 * 1024 * 1024) for _ in range(12)]
+    futures = [client.echo.future(p, timeout=60) for p in payloads]
+    assert [f.result() for f in futures] == payloads
 
 
 def test_grpc_error_status_message_and_trailers_are_forwarded(client: EchoClient) -> None:
@@ -362,3 +371,17 @@ def test_grpc_through_synchro_proxy(grpc_server: GrpcServer) -> None:
                 c.fail(b"PERMISSION_DENIED:no", timeout=10)
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert proxy.alive()
+
+
+def test_sigterm_drains_h2_connections(h2_server: TinyH2Server) -> None:
+    with run_proxy(static_destination=f"127.0.0.1:{h2_server.port}", drain_seconds=10) as proxy:
+        with H2Client(proxy.outbound[1]) as c:
+            assert c.get("/hello").status == 200
+            sid = c.request("/slow/600")
+            c.pump(lambda: c.streams[sid].status == 200)
+            proxy.process.send_signal(signal.SIGTERM)
+            c.pump(lambda: c.goaway is not None)
+            c.pump(lambda: c.streams[sid].done)
+            assert c.streams[sid].ended and bytes(c.streams[sid].body) == b"slow"
+            c.pump(lambda: c.closed)
+        assert proxy.wait_exit(10) == 0
