@@ -384,10 +384,12 @@ class Telemetry:
 
     def _read_headers(self, rec: RequestRecord, headers: Iterable[Header]) -> list[Header]:
         found: dict[str, str] = {}
+        traced = False
         for name, value in headers:
             lowered = name.lower()
             if lowered in _INTERESTING:
                 found[lowered.decode("latin-1")] = value.decode("latin-1")
+                traced = traced or lowered in TRACE_HEADER_NAMES
         if rec.protocol == "http" and found.get("content-type", "").startswith("application/grpc"):
             rec.protocol = "grpc"
         out: list[Header] = []
@@ -396,7 +398,7 @@ class Telemetry:
             request_id = _uuid4(self._rng)
             out.append((_REQUEST_ID, request_id.encode()))
         rec.request_id = request_id
-        parent = extract(found)
+        parent = extract(found) if traced else None
         if not self._tracing:
             if parent is not None:
                 rec.trace_id = parent.trace_id
@@ -413,6 +415,10 @@ class Telemetry:
             rec.extra["user_agent"] = found["user-agent"]
         # B3 apps keep getting B3 at every hop, next to W3C.
         b3 = "b3" if "b3" in found else "b3multi" if "x-b3-traceid" in found else None
+        if b3 is None and not rec.tracestate:  # the common case, without inject's generality
+            flags = "01" if rec.sampled else "00"
+            out.append((b"traceparent", f"00-{rec.trace_id}-{rec.span_id}-{flags}".encode()))
+            return out
         out += [
             (name.encode(), value.encode("latin-1"))
             for name, value in inject(

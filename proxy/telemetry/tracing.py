@@ -212,7 +212,9 @@ def _flag_error(rec: RequestRecord) -> str:
 
 
 def build_span(rec: RequestRecord) -> Span:
-    start = int(rec.start_time * 1e9)
+    # Whole seconds apart: float nanoseconds since 1970 lose the last digits.
+    seconds = int(rec.start_time)
+    start = seconds * 1_000_000_000 + round((rec.start_time - seconds) * 1e9)
     span = Span(
         trace_id=bytes.fromhex(rec.trace_id),
         span_id=bytes.fromhex(rec.span_id),
