@@ -525,7 +525,10 @@ class DownstreamConnection(Endpoint):
             log.debug("closing idle HTTP/2 connection from %s", self.downstream.peer)
             self.send_goaway()
             return
-        wait = max(self.ctx.idle_timeout - idle_for, 0.05)
+        # Streams in flight keep the connection; look again a full period later.
+        wait = (
+            self.ctx.idle_timeout if self.exchanges else max(self.ctx.idle_timeout - idle_for, 0.05)
+        )
         self._idle_timer = self.loop.call_later(wait, self._idle_tick)
 
     def _close(self) -> None:
