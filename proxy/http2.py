@@ -56,6 +56,8 @@ WRITE_HIGH_WATER = 1 << 20
 # A request body up to this size can be replayed on another connection.
 REPLAY_LIMIT = 64 * 1024
 MAX_TRANSPARENT_ATTEMPTS = 3
+# How often one attempt may find a fresh connection already full before giving up.
+MAX_CAPACITY_WAITS = 16
 
 _NO_ERROR = int(h2.errors.ErrorCodes.NO_ERROR)
 _REFUSED = int(h2.errors.ErrorCodes.REFUSED_STREAM)
@@ -116,6 +118,7 @@ class Exchange:
         "responded",
         "up",
         "up_id",
+        "waits",
     )
 
     def __init__(
@@ -134,6 +137,7 @@ class Exchange:
         self.up_id = 0
         self.responded = False
         self.attempts = 0
+        self.waits = 0
         self.closed = False
 
     # -- one attempt -----------------------------------------------------------
@@ -141,7 +145,10 @@ class Exchange:
     def start(self) -> None:
         """Choose the upstream for this request and send it there."""
         self.attempts += 1
-        target = self.down.choose_upstream(self.request)
+        self.waits = 0
+        self._dispatch(self.down.choose_upstream(self.request))
+
+    def _dispatch(self, target: Address) -> None:
         conn = self.down.pool.ready(target)
         if conn is not None:
             self._send(conn)
@@ -156,7 +163,18 @@ class Exchange:
         elif (exc := fut.exception()) is not None:
             self._attempt_failed(False, str(exc), retry=False)
         else:
-            self._send(fut.result())
+            conn = fut.result()
+            if conn.has_capacity:
+                self._send(conn)
+            elif self.waits < MAX_CAPACITY_WAITS:
+                # More streams waited for this connection than the server allows
+                # on it: the rest go to another one (opened if need be).
+                self.waits += 1
+                self._dispatch(conn.address)
+            else:
+                self._attempt_failed(
+                    False, "no upstream connection with a free stream", retry=False
+                )
 
     def _send(self, conn: UpstreamConnection) -> None:
         req = self.req

@@ -273,6 +273,20 @@ def test_upstream_connection_lost(h2_proxy: InProcessH2Proxy) -> None:
         assert c.get("/hello").status == 200
 
 
+def test_more_streams_than_the_upstream_allows_open_more_connections() -> None:
+    with (
+        TinyH2Server(max_streams=4) as server,
+        InProcessH2Proxy(("127.0.0.1", server.port)) as proxy,
+    ):
+        with H2Client(proxy.port) as c:
+            sids = [c.request("/slow/300") for _ in range(40)]
+            c.pump(lambda: all(c.streams[s].done for s in sids), timeout=20)
+            assert [c.streams[s].status for s in sids] == [200] * 40
+            assert all(bytes(c.streams[s].body) == b"slow" for s in sids)
+        assert server.connections >= 10
+        assert proxy.handler_errors == []
+
+
 def test_idle_connections_are_closed_both_sides(h2_server: TinyH2Server) -> None:
     with InProcessH2Proxy(
         ("127.0.0.1", h2_server.port), idle_timeout=0.3, pool_idle_timeout=0.3

@@ -29,6 +29,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.settings
 
 
 class _ServerConnection(asyncio.Protocol):
@@ -51,6 +52,13 @@ class _ServerConnection(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         self.server.connections += 1
+        if self.server.max_streams is not None:
+            self.h2.local_settings = h2.settings.Settings(
+                client=False,
+                initial_values={
+                    h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.server.max_streams
+                },
+            )
         self.h2.initiate_connection()
         self.flush()
 
@@ -203,8 +211,9 @@ class _ServerConnection(asyncio.Protocol):
 class TinyH2Server:
     """`with TinyH2Server() as s:` an h2c server on 127.0.0.1:<s.port>, on its own thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_streams: int | None = None) -> None:
         self.port = 0
+        self.max_streams = max_streams
         self.connections = 0
         self.requests: list[dict[str, str]] = []
         self.resets: list[tuple[str, int]] = []
