@@ -15,7 +15,10 @@ from collections.abc import Sequence
 from synchro import __version__
 from synchro.commands import CommandError
 
-COMMANDS: tuple[str, ...] = ("synchro.commands.inject",)
+COMMANDS: tuple[str, ...] = (
+    "synchro.commands.inject",
+    "synchro.commands.status",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,117 @@
+"""`synchro status`: every proxy the controller knows, like `istioctl proxy-status`.
+
+    NAME             WORKLOAD  STATE   VERSION           CONNECTED  LAST NACK
+    frontend-1.shop  frontend  SYNCED  5fbe24df15df97ed  yes        -
+
+The controller is `--controller URL` (default `$SYNCHRO_CONTROLLER`), verified
+with `--cacert FILE` (default `$SYNCHRO_CONTROLLER_CA`). `-o json|yaml` prints
+the API's rows unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import ssl
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from synchro.commands import CommandError
+
+COLUMNS = ("NAME", "WORKLOAD", "STATE", "VERSION", "CONNECTED", "LAST NACK")
+
+
+def _row(p: dict[str, Any]) -> tuple[str, ...]:
+    nack = p.get("last_nack")
+    nack_text = f"{nack.get('version', '')}: {nack.get('error', '')}" if nack else "-"
+    if len(nack_text) > 60:
+        nack_text = nack_text[:57] + "..."
+    return (
+        str(p.get("proxy", "")),
+        str(p.get("workload") or "-"),
+        str(p.get("state", "")),
+        str(p.get("version") or "-"),
+        "yes" if p.get("connected") else "no",
+        nack_text,
+    )
+
+
+def render_table(proxies: Sequence[dict[str, Any]]) -> str:
+    rows = [COLUMNS, *(_row(p) for p in proxies)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def fetch(
+    controller: str, cacert: str | None, insecure: bool, timeout: float = 10.0
+) -> dict[str, Any]:
+    url = controller.rstrip("/")
+    if "://" not in url:
+        url = "https://" + url
+    ctx: ssl.SSLContext | None = None
+    if url.startswith("https://"):
+        ctx = ssl.create_default_context(cafile=cacert) if cacert else ssl.create_default_context()
+        if insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url + "/v1/proxies", context=ctx, timeout=timeout) as resp:
+            data = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise CommandError(f"cannot read proxy status from {url}: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("proxies"), list):
+        raise CommandError(f"{url}/v1/proxies: unexpected answer")
+    return data
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if not args.controller:
+        raise CommandError("no controller: give --controller URL or set SYNCHRO_CONTROLLER")
+    data = fetch(args.controller, args.cacert, args.insecure)
+    proxies = data["proxies"]
+    if args.namespace:
+        proxies = [p for p in proxies if p.get("namespace") == args.namespace]
+    if args.output == "json":
+        json.dump(proxies, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif args.output == "yaml":
+        yaml.safe_dump(proxies, sys.stdout, sort_keys=False)
+    else:
+        sys.stdout.write(render_table(proxies))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "status",
+        help="the proxies' config sync state (like istioctl proxy-status)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--controller",
+        default=os.environ.get("SYNCHRO_CONTROLLER"),
+        metavar="URL",
+        help="controller API, e.g. https://127.0.0.1:15012 (default: $SYNCHRO_CONTROLLER)",
+    )
+    p.add_argument(
+        "--cacert",
+        default=os.environ.get("SYNCHRO_CONTROLLER_CA"),
+        metavar="FILE",
+        help="CA of the controller's certificate (default: $SYNCHRO_CONTROLLER_CA)",
+    )
+    p.add_argument(
+        "--insecure", action="store_true", help="do not verify the controller's certificate"
+    )
+    p.add_argument("-n", "--namespace", help="only proxies in this namespace")
+    p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    p.set_defaults(func=cmd_status)
