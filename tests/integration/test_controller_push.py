@@ -8,6 +8,9 @@ proxy's own client, running in this process.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -66,6 +69,29 @@ def client(ctl: ControllerProcess, pod: str, **kw: Any) -> ConfigClient:
         poll_wait=5.0,
         **kw,
     )
+
+
+def synchro_status(ctl: ControllerProcess, *extra: str) -> str:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from synchro.commands import status; import argparse; "
+            "p = argparse.ArgumentParser(); sp = p.add_subparsers(); status.register(sp); "
+            "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))",
+            "status",
+            "--controller",
+            ctl.url,
+            "--cacert",
+            str(ctl.cert),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return out.stdout
 
 
 def service_names(c: ConfigClient) -> set[str]:
@@ -141,6 +167,24 @@ def test_file_change_reaches_every_subscriber_and_is_acked(
                     await asyncio.sleep(0.05)
                 row = (await proxies(ctl))["p0.default"]
                 assert row["connected"] and row["state"] == "SYNCED" and row["last_nack"] is None
+
+                # `synchro status` shows the same as a table and as JSON.
+                table = await asyncio.to_thread(synchro_status, ctl)
+                lines = table.splitlines()
+                assert lines[0].split() == [
+                    "NAME",
+                    "WORKLOAD",
+                    "STATE",
+                    "VERSION",
+                    "CONNECTED",
+                    "LAST",
+                    "NACK",
+                ]
+                assert [ln.split()[:5] for ln in lines[1:]] == [
+                    [f"p{i}.default", "-", "SYNCED", next(iter(new)), "yes"] for i in range(3)
+                ]
+                as_json = json.loads(await asyncio.to_thread(synchro_status, ctl, "-o", "json"))
+                assert [r["proxy"] for r in as_json] == ["p0.default", "p1.default", "p2.default"]
             finally:
                 for c in clients:
                     await c.stop()
