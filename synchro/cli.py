@@ -17,6 +17,10 @@ from synchro.commands import CommandError
 
 COMMANDS: tuple[str, ...] = (
     "synchro.commands.inject",
+    "synchro.commands.up",
+    "synchro.commands.down",
+    "synchro.commands.logs",
+    "synchro.commands.exec",
     "synchro.commands.status",
 )
 

@@ -265,6 +265,8 @@ def base_env() -> dict[str, str]:
 
 # --- the registry of what a prefix owns ------------------------------------------------
 
+_SAVE_LOCK = threading.Lock()
+
 
 @dataclass
 class State:
@@ -279,6 +281,10 @@ class State:
         return STATE_DIR / f"{self.prefix}.json"
 
     def save(self) -> None:
+        with _SAVE_LOCK:  # Pods of one node may start from several threads
+            self._save()
+
+    def _save(self) -> None:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(
@@ -530,6 +536,7 @@ class Node:
         self.gateway = next(self._hosts)
         self.gateway6 = self.subnet6[1] if self.subnet6 else None
         self._index = 1
+        self._lock = threading.Lock()
         self.state = State(prefix, os.getpid(), _proc_start_time(os.getpid()))
         self._closed = False
 
@@ -573,21 +580,23 @@ class Node:
         """A new Pod namespace on the bridge with the next free address."""
         if not _NAME.match(name):
             raise LocalError(f"bad pod name {name!r}: DNS label of at most 40 characters")
-        if name in self.pods or name == "node":
-            raise LocalError(f"pod {name!r} exists already on {self.netns}")
-        try:
-            ip = next(self._hosts)
-        except StopIteration:
-            raise LocalError(f"subnet {self.subnet} is full") from None
-        self._index += 1
-        ip6 = self.subnet6[self._index] if self.subnet6 else None
-        netns = f"{self.prefix}-{name}"
-        self.state.netns.append(netns)
+        with self._lock:  # Pods may be added from several threads
+            if name in self.pods or name == "node":
+                raise LocalError(f"pod {name!r} exists already on {self.netns}")
+            try:
+                ip = next(self._hosts)
+            except StopIteration:
+                raise LocalError(f"subnet {self.subnet} is full") from None
+            self._index += 1
+            index = self._index
+            ip6 = self.subnet6[index] if self.subnet6 else None
+            netns = f"{self.prefix}-{name}"
+            pod = PodNet(self, name, netns, ip, ip6)
+            self.pods[name] = pod
+            self.state.netns.append(netns)
         self.state.save()
         _run(["ip", "netns", "add", netns])
-        pod = PodNet(self, name, netns, ip, ip6)
-        self.pods[name] = pod
-        host_end = f"p{self._index}"
+        host_end = f"p{index}"
         _ip_batch(
             self.netns,
             [

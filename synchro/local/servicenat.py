@@ -150,7 +150,9 @@ def nat_table(rules: Iterable[ServiceRule]) -> str:
             pick = (
                 f"-m statistic --mode random --probability {1 / (n - i):.10f} " if i < n - 1 else ""
             )
-            lines.append(f"-A {r.chain} {pick}-j DNAT --to-destination {b.ip}:{b.port}")
+            lines.append(
+                f"-A {r.chain} -p {r.protocol} {pick}-j DNAT --to-destination {b.ip}:{b.port}"
+            )
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,75 @@
+"""`synchro exec POD [-c CONTAINER] -- CMD...`: a command inside a local Pod.
+
+Like `kubectl exec`: the command runs in the Pod's network namespace (so its
+hosts file resolves Service names, and a meshed Pod's traffic goes through its
+proxy), with the container's environment, user and working directory. stdin,
+stdout and stderr are passed through; the exit status is the command's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from synchro.commands import CommandError
+from synchro.commands.up import add_mesh_flag
+from synchro.local import mesh
+from synchro.local.netns import LocalError, wrap_argv
+from synchro.local.pod import PodStartError, resolve_command
+
+
+def exec_argv(
+    record: dict[str, Any], container: dict[str, Any], command: list[str]
+) -> tuple[list[str], dict[str, str]]:
+    env = {str(k): str(v) for k, v in (container.get("env") or {}).items()}
+    argv = [resolve_command(command[0], env.get("PATH")), *command[1:]]
+    return wrap_argv(record["netns"], argv, container.get("uid"), container.get("gid")), env
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise CommandError(
+            "no command; e.g. synchro exec shop/frontend-0 -- curl -s http://catalog/"
+        )
+    if os.geteuid() != 0:
+        raise CommandError("`synchro exec` needs root (it enters network namespaces); use sudo")
+    try:
+        paths = mesh.resolve_mesh(args.mesh)
+        record = mesh.find_pod(paths, args.pod)
+        container = mesh.find_container(record, args.container)
+        if not record.get("ip"):
+            raise mesh.MeshError(f"Pod {record['ref']} is not running ({record.get('phase')})")
+        argv, env = exec_argv(record, container, command)
+    except (mesh.MeshError, PodStartError, LocalError) as exc:
+        raise CommandError(str(exc)) from None
+    cwd = container.get("cwd")
+    if cwd:
+        try:
+            os.chdir(cwd)
+        except OSError as exc:
+            raise CommandError(f"working directory {cwd}: {exc}") from None
+    sys.stdout.flush()
+    os.execve(argv[0], argv, env)
+    return 127  # not reached
+
+
+def register(subparsers: Any) -> None:
+    ex = subparsers.add_parser(
+        "exec",
+        help="run a command inside a Pod of the local mesh",
+        description=__doc__,
+        epilog="examples:\n  synchro exec shop/frontend-0 -- curl -s http://catalog.shop:8080/\n"
+        "  synchro exec web-0 -c app -- env\n"
+        "  synchro exec shop/frontend-0 -c synchro-proxy -- curl -s localhost:15000/config_dump",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ex.add_argument("pod", metavar="POD", help="NAMESPACE/NAME, or NAME in default")
+    ex.add_argument("-c", "--container", help="container name (default: the Pod's default)")
+    add_mesh_flag(ex)
+    ex.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    ex.set_defaults(func=cmd_exec)
