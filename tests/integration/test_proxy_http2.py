@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -370,6 +371,76 @@ def test_h2load_multiplexing_smoke(h2_proxy: InProcessH2Proxy) -> None:
     ).stdout
     assert re.search(r"requests: 3000 total, 3000 started, 3000 done, 3000 succeeded", out), out
     assert "status codes: 3000 2xx" in out, out
+
+
+NGINX_H2 = """
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  keepalive_requests 50;
+  server {{
+    listen 127.0.0.1:{port} http2;
+    location / {{ return 200 "{body}"; }}
+  }}
+}}
+"""
+
+
+@pytest.fixture
+def nginx_h2(tmp_path: Path) -> Iterator[int]:
+    """nginx as a real h2c upstream that sends GOAWAY after every 50 requests."""
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx not installed")
+    port = free_port()
+    config = NGINX_H2.format(dir=tmp_path, port=port, body="x" * 1024)
+    (tmp_path / "nginx.conf").write_text(config)
+    proc = subprocess.Popen(
+        ["nginx", "-c", str(tmp_path / "nginx.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"nginx did not start: {(tmp_path / 'error.log').read_text()}")
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) not installed")
+def test_h2load_through_nginx_goaways(nginx_h2: int) -> None:
+    """Every 50 requests nginx says GOAWAY: no request may fail because of it."""
+    with InProcessH2Proxy(("127.0.0.1", nginx_h2)) as proxy:
+        out = subprocess.run(
+            ["h2load", "-n", "2000", "-c", "2", "-m", "16", f"http://127.0.0.1:{proxy.port}/"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        assert "2000 succeeded" in out and "status codes: 2000 2xx" in out, out
+        assert proxy.handler_errors == []
 
 
 # -- through a real synchro-proxy process -------------------------------------------
