@@ -237,6 +237,24 @@ def test_client_reset_reaches_the_upstream(
         assert ("/hold", 8) in h2_server.resets
 
 
+def test_client_vanishing_mid_body_cancels_upstream(
+    h2_server: TinyH2Server, h2_proxy: InProcessH2Proxy
+) -> None:
+    c = H2Client(h2_proxy.port)
+    sid = c.request("/echo", method="POST", body=os.urandom(50_000), end=False)
+    deadline = time.monotonic() + 5
+    while not any(r.get(":path") == "/echo" for r in h2_server.requests[-3:]):
+        assert time.monotonic() < deadline, "the request never reached the upstream"
+        time.sleep(0.01)
+    c.close()  # gone, mid-body, without a word
+    while ("/echo", 8) not in h2_server.resets and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ("/echo", 8) in h2_server.resets  # CANCEL reached the upstream
+    assert sid == 1
+    with H2Client(h2_proxy.port) as again:
+        assert again.get("/hello").status == 200
+
+
 def test_upstream_goaway_fails_over_to_a_new_connection(
     h2_server: TinyH2Server, h2_proxy: InProcessH2Proxy
 ) -> None:
