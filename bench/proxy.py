@@ -98,8 +98,8 @@ class Settings:
     protocols: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.duration_s <= 0 or self.warmup_s < 0:
-            raise ValueError("durations must be positive")
+        if not 0 < self.duration_s <= 600 or self.warmup_s < 0:
+            raise ValueError("--duration must be between 0 and 600 seconds")
         if self.latency_rps % self.latency_clients:
             raise ValueError("latency_rps must be a multiple of latency_clients")
 
@@ -773,12 +773,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
     )
     args = p.parse_args(argv)
     duration = args.duration if args.duration is not None else (2.0 if args.quick else 5.0)
-    settings = Settings(
-        duration_s=duration,
-        warmup_s=0.5 if args.quick else 1.0,
-        paths=tuple(args.path),
-        protocols=tuple(args.protocol),
-    )
+    try:
+        settings = Settings(
+            duration_s=duration,
+            warmup_s=0.5 if args.quick else 1.0,
+            paths=tuple(args.path),
+            protocols=tuple(args.protocol),
+        )
+    except ValueError as exc:
+        p.error(str(exc))
     return settings, args
 
 
