@@ -519,13 +519,21 @@ def compile(resources: ResourceSet, proxy: ProxyInfo) -> pc.ProxyConfig:
     return config
 
 
-def render(resources: ResourceSet, config: pc.ProxyConfig) -> bytes:
-    """The config as JSON bytes, reusing the shared services JSON (the bulk of it)."""
+def render_parts(resources: ResourceSet, config: pc.ProxyConfig) -> tuple[str, str]:
+    """The config's JSON as (prefix, tail), JSON = prefix + tail. The prefix holds
+    the services (the bulk) and is the same string for every proxy of one
+    ResourceSet, so callers can serialize or compress it once."""
     sh = shared(resources)
-    if config.services is sh.services:
-        head = json.dumps(_shallow(config), separators=(",", ":"))
-        return (head[:-1] + ',"services":' + sh.services_json + "}").encode()
-    return json.dumps(config.to_dict(), separators=(",", ":")).encode()
+    if config.services is not sh.services:
+        return "", json.dumps(config.to_dict(), separators=(",", ":"))
+    rest = json.dumps(_shallow(config), separators=(",", ":"))
+    return '{"services":' + sh.services_json, "," + rest[1:]
+
+
+def render(resources: ResourceSet, config: pc.ProxyConfig) -> bytes:
+    """The config as JSON bytes."""
+    prefix, tail = render_parts(resources, config)
+    return (prefix + tail).encode()
 
 
 def _shallow(config: pc.ProxyConfig) -> dict[str, Any]:

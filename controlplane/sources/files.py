@@ -26,6 +26,9 @@ from controlplane.validation import Problem, SourceDoc
 
 log = logging.getLogger(__name__)
 
+# libyaml's loader when present: the same documents, several times faster.
+_Loader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -51,7 +54,7 @@ def load_file(path: Path, display: str) -> tuple[tuple[SourceDoc, ...], tuple[Pr
     docs: list[SourceDoc] = []
     index = 0
     try:
-        for doc in yaml.safe_load_all(text):
+        for doc in yaml.load_all(text, Loader=_Loader):
             if doc is not None:
                 docs.append(SourceDoc(doc, display, index))
             index += 1
