@@ -8,7 +8,13 @@ by its traffic.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from bisect import bisect_left
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from proxy.telemetry.record import RequestRecord
 
@@ -44,32 +50,81 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 SIZE_BUCKETS = (0, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
 
 
+class _Series:
+    """One label set's request counts: plain ints and floats, summed when scraped."""
+
+    __slots__ = ("count", "dur", "dur_sum", "req", "req_sum", "resp", "resp_sum")
+
+    def __init__(self) -> None:
+        self.count = 0
+        # Per bucket (not cumulative) so an observation is one bisect and one add;
+        # the last slot is +Inf.
+        self.dur = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.dur_sum = 0.0
+        self.req = [0] * (len(SIZE_BUCKETS) + 1)
+        self.req_sum = 0.0
+        self.resp = [0] * (len(SIZE_BUCKETS) + 1)
+        self.resp_sum = 0.0
+
+
+def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    total = 0
+    for bound, n in zip((*bounds, float("inf")), counts, strict=True):
+        total += n
+        out.append((floatToGoString(bound), total))
+    return out
+
+
+class RequestCollector(Collector):
+    """The per-request families (`synchro_requests_total` and the three
+    histograms), kept as plain numbers rather than prometheus_client children:
+    those take a lock per update, four updates per request, on the data path.
+    Updates come from the event loop thread, and so do scrapes (the status
+    port shares the loop)."""
+
+    def __init__(self) -> None:
+        self.series: dict[tuple[str, ...], _Series] = {}
+
+    def observe(self, key: tuple[str, ...], duration: float, req: int, resp: int) -> None:
+        s = self.series.get(key)
+        if s is None:
+            s = self.series[key] = _Series()
+        s.count += 1
+        s.dur[bisect_left(LATENCY_BUCKETS, duration)] += 1
+        s.dur_sum += duration
+        s.req[bisect_left(SIZE_BUCKETS, req)] += 1
+        s.req_sum += req
+        s.resp[bisect_left(SIZE_BUCKETS, resp)] += 1
+        s.resp_sum += resp
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        labels = list(REQUEST_LABELS)
+        requests = CounterMetricFamily("synchro_requests", "Requests handled", labels=labels)
+        duration = HistogramMetricFamily(
+            "synchro_request_duration_seconds", "Request duration", labels=labels
+        )
+        req_bytes = HistogramMetricFamily(
+            "synchro_request_bytes", "Request body sizes", labels=labels
+        )
+        resp_bytes = HistogramMetricFamily(
+            "synchro_response_bytes", "Response body sizes", labels=labels
+        )
+        for key, s in list(self.series.items()):
+            values = list(key)
+            requests.add_metric(values, s.count)
+            duration.add_metric(values, _cumulative(LATENCY_BUCKETS, s.dur), s.dur_sum)
+            req_bytes.add_metric(values, _cumulative(SIZE_BUCKETS, s.req), s.req_sum)
+            resp_bytes.add_metric(values, _cumulative(SIZE_BUCKETS, s.resp), s.resp_sum)
+        yield from (requests, duration, req_bytes, resp_bytes)
+
+
 class ProxyMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter("synchro_requests", "Requests handled", REQUEST_LABELS, registry=r)
-        self.duration = Histogram(
-            "synchro_request_duration_seconds",
-            "Request duration",
-            REQUEST_LABELS,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.request_bytes = Histogram(
-            "synchro_request_bytes",
-            "Request body sizes",
-            REQUEST_LABELS,
-            buckets=SIZE_BUCKETS,
-            registry=r,
-        )
-        self.response_bytes = Histogram(
-            "synchro_response_bytes",
-            "Response body sizes",
-            REQUEST_LABELS,
-            buckets=SIZE_BUCKETS,
-            registry=r,
-        )
+        self.request_series = RequestCollector()
+        r.register(self.request_series)
         self.tcp_opened = Counter(
             "synchro_tcp_connections_opened", "TCP connections opened", TCP_LABELS, registry=r
         )
@@ -113,7 +168,6 @@ class ProxyMetrics:
         self.spans_exported = Counter(
             "synchro_spans_exported", "Spans the collector accepted", registry=r
         )
-        self._children: dict[tuple[str, ...], tuple[object, object, object, object]] = {}
 
     def observe_request(self, rec: RequestRecord) -> None:
         key = (
@@ -133,21 +187,7 @@ class ProxyMetrics:
             rec.route,
             rec.backend,
         )
-        # Caching the labelled children saves the label lookup on every request.
-        children = self._children.get(key)
-        if children is None:
-            children = (
-                self.requests.labels(*key),
-                self.duration.labels(*key),
-                self.request_bytes.labels(*key),
-                self.response_bytes.labels(*key),
-            )
-            self._children[key] = children
-        requests, duration, req_bytes, resp_bytes = children
-        requests.inc()  # type: ignore[attr-defined]
-        duration.observe(rec.duration)  # type: ignore[attr-defined]
-        req_bytes.observe(rec.request_bytes)  # type: ignore[attr-defined]
-        resp_bytes.observe(rec.response_bytes)  # type: ignore[attr-defined]
+        self.request_series.observe(key, rec.duration, rec.request_bytes, rec.response_bytes)
 
     def observe_tcp(self, rec: RequestRecord, *, opened: bool) -> None:
         key = (

@@ -257,7 +257,10 @@ class Telemetry:
         self._rng = rng or random.Random()
         self._clock = clock
         self.registry = CollectorRegistry()
-        self.metrics = ProxyMetrics(self.registry) if settings.metrics else None
+        # Always there, so that other parts can count (retries, ejections, config
+        # version) without checking; `settings.metrics` decides the per-request series.
+        self.metrics = ProxyMetrics(self.registry)
+        self._observe = settings.metrics
         self.lag = LagWindow()
         self.open_connections: Callable[[], int] | None = None
         self.registry.register(SelfCollector(self.lag, lambda: self._open_connections()))
@@ -277,14 +280,14 @@ class Telemetry:
                 queue_size=settings.span_queue_size,
                 batch_size=settings.span_batch_size,
                 flush_interval=settings.span_flush_interval,
-                on_dropped=metrics.spans_dropped.inc if metrics else lambda n: None,
-                on_exported=metrics.spans_exported.inc if metrics else lambda n: None,
+                on_dropped=metrics.spans_dropped.inc,
+                on_exported=metrics.spans_exported.inc,
             )
         self._tracing = self.exporter is not None
         self._percent = settings.trace_sampling
         # Headers are read only when something uses what they carry.
         self._scan = self._tracing or self.access_log is not None
-        self._enabled = self._scan or self.metrics is not None
+        self._enabled = self._scan or self._observe
         self._lag_task: asyncio.Task[None] | None = None
         self._failures = 0
 
@@ -438,7 +441,7 @@ class Telemetry:
         try:
             if rec.mono_start and not rec.duration:
                 rec.duration = time.perf_counter() - rec.mono_start
-            if self.metrics is not None:
+            if self._observe:
                 if rec.protocol == "tcp":
                     self.metrics.observe_tcp(rec, opened=False)
                 else:
@@ -469,7 +472,7 @@ class Telemetry:
             rec.peer_address = str(peer)
         if upstream_host is not None:
             rec.upstream_host = str(upstream_host)
-        if self.metrics is not None:
+        if self._observe:
             self.metrics.observe_tcp(rec, opened=True)
         return rec
 
