@@ -170,7 +170,14 @@ def proc_start_time(pid: int) -> int | None:
 
 
 def pid_alive(pid: int | None, start: int | None) -> bool:
-    return pid is not None and start is not None and proc_start_time(pid) == start
+    """Whether `pid` is still the process that started at `start` (and not a zombie)."""
+    if pid is None or start is None or proc_start_time(pid) != start:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def list_meshes(root: Path = RUN_ROOT) -> list[str]:
@@ -349,6 +356,7 @@ class PodRecord:
     reported: tuple[str, bool] | None = None
     since: float = field(default_factory=time.monotonic)
     ready_seconds: float | None = None
+    starting: bool = True  # its start thread owns it until then
 
     @property
     def ip(self) -> str:
@@ -794,6 +802,7 @@ class Supervisor:
             self.write_hosts(r)
             self.report(r)
             self._wait_ready(r)
+            r.starting = False
         except (PodStartError, PodSpecError, MeshError, LocalError, OSError) as exc:
             message = str(exc)
             match = _FAILED_CONTAINER.match(message)
@@ -957,7 +966,7 @@ class Supervisor:
             records = [
                 r
                 for r in self.records.values()
-                if r.pod is not None and r.phase in (RUNNING, READY)
+                if r.pod is not None and r.phase in (RUNNING, READY) and not r.starting
             ]
         for r in records:
             if self.stop_event.is_set():
@@ -1027,6 +1036,8 @@ class Supervisor:
             with self.lock:
                 r.ready = ready
                 self.names_dirty = True
+                if ready and r.ready_seconds is None:
+                    r.ready_seconds = round(time.monotonic() - r.since, 2)
             self._set(r, READY if ready else RUNNING)
 
     def _restart(self, r: PodRecord, step: Step) -> None:
