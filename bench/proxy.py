@@ -96,6 +96,7 @@ class Settings:
     latency_clients: int = 10
     paths: tuple[str, ...] = ()
     protocols: tuple[str, ...] = ()
+    pin: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.duration_s <= 600 or self.warmup_s < 0:
@@ -723,7 +724,7 @@ class RunInfo:
 
 def run(settings: Settings, log: Callable[[str], None]) -> tuple[list[Row], RunInfo]:
     check_tools()
-    placement = plan_placement(sorted(os.sched_getaffinity(0)))
+    placement = plan_placement(sorted(os.sched_getaffinity(0)) if settings.pin else [])
     t0, host0, own0 = time.monotonic(), host_busy_seconds(), own_cpu_seconds()
     paths = select(PATHS, settings.paths, "path")
     protocols = select(PROTOCOLS, settings.protocols, "protocol")
@@ -767,6 +768,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
         help="niceness for the bench and everything it starts, e.g. -10 (root) so that "
         "unrelated work on the host disturbs the figures less; every path gets the same",
     )
+    p.add_argument(
+        "--no-pin", action="store_true", help="do not pin the proxy and the load to separate CPUs"
+    )
     p.add_argument("--path", action="append", default=[], help="only this path (repeatable)")
     p.add_argument(
         "--protocol", action="append", default=[], help="only this protocol (repeatable)"
@@ -779,6 +783,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
             warmup_s=0.5 if args.quick else 1.0,
             paths=tuple(args.path),
             protocols=tuple(args.protocol),
+            pin=not args.no_pin,
         )
     except ValueError as exc:
         p.error(str(exc))
@@ -804,7 +809,7 @@ def describe_run(settings: Settings, info: RunInfo, when: str, commit: str) -> s
     pin = (
         f"load generator + nginx on CPU {sorted(pl.load)}, proxy on CPU {sorted(pl.proxy)}"
         if pl.pinned
-        else "not pinned (one CPU)"
+        else "not pinned"
     )
     return (
         f"bench/proxy.py  {when}  commit {commit}  {os.cpu_count()} CPUs, {pin}\n"
