@@ -28,10 +28,42 @@ def exec_argv(
     return wrap_argv(record["netns"], argv, container.get("uid"), container.get("gid")), env
 
 
+_LATE_FLAGS = {"-c": "container", "--container": "container", "--mesh": "mesh"}
+
+
+def split_command(args: argparse.Namespace) -> list[str]:
+    """`[-c C] [--mesh M] [--] CMD...` after POD: the flags into `args`, the command out.
+
+    argparse's subparsers keep or drop `--` depending on where the flags were,
+    so the flags between POD and `--` are read here, one known flag at a time;
+    the first token that is not one of them (or a `--`) starts the command."""
+    rest = list(args.command)
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        name, eq, value = token.partition("=")
+        if token == "--":
+            return rest[i + 1 :]
+        if name not in _LATE_FLAGS:
+            break
+        if not eq:
+            if i + 1 >= len(rest) or rest[i + 1] == "--":
+                raise CommandError(f"exec: {name} needs a value")
+            value = rest[i + 1]
+            i += 1
+        setattr(args, _LATE_FLAGS[name], value)
+        i += 1
+    command = rest[i:]
+    if command[:1] and command[0].startswith("-"):
+        raise CommandError(
+            f"exec: unknown flag {command[0]}; put the command after --, e.g. "
+            "synchro exec POD -c app -- env"
+        )
+    return command
+
+
 def cmd_exec(args: argparse.Namespace) -> int:
-    command = list(args.command)
-    if command[:1] == ["--"]:
-        command = command[1:]
+    command = split_command(args)
     if not command:
         raise CommandError(
             "no command; e.g. synchro exec shop/frontend-0 -- curl -s http://catalog/"
@@ -71,5 +103,7 @@ def register(subparsers: Any) -> None:
     ex.add_argument("pod", metavar="POD", help="NAMESPACE/NAME, or NAME in default")
     ex.add_argument("-c", "--container", help="container name (default: the Pod's default)")
     add_mesh_flag(ex)
+    # REMAINDER, and the flags between POD and `--` parsed again in split_command:
+    # argparse's subparsers drop `--`, and kubectl's order is `exec POD -c C -- CMD`.
     ex.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     ex.set_defaults(func=cmd_exec)
