@@ -782,7 +782,7 @@ class Supervisor:
             )
             self._set(r, STARTING)
             self.write_hosts(r)
-            overrides = {ports.PROXY_CONTAINER_NAME: {CONTROLLER_CA_ENV: str(self.ca_path)}}
+            overrides = _env_overrides(manifest, str(self.ca_path))
             pod = start_pod(
                 self.node,
                 manifest,
@@ -1185,6 +1185,24 @@ def _token_key(path: Path) -> Any:
     )
     path.chmod(0o600)
     return key
+
+
+def _env_overrides(manifest: Mapping[str, Any], ca_path: str) -> dict[str, dict[str, str]]:
+    """What a container runtime and `synchro up` add to each container's environment:
+    HOSTNAME (the Pod's hostname, as in Kubernetes, unless the container sets it)
+    and, for the proxy, the CA that signed the controller API's certificate."""
+    spec = manifest.get("spec") or {}
+    hostname = str(spec.get("hostname") or (manifest.get("metadata") or {}).get("name") or "")
+    out: dict[str, dict[str, str]] = {}
+    for key in ("initContainers", "containers"):
+        for c in spec.get(key) or []:
+            if not isinstance(c, Mapping):
+                continue  # plan_pod names the bad field
+            names = {e.get("name") for e in c.get("env") or [] if isinstance(e, Mapping)}
+            if "HOSTNAME" not in names:
+                out[str(c.get("name"))] = {"HOSTNAME": hostname}
+    out.setdefault(ports.PROXY_CONTAINER_NAME, {})[CONTROLLER_CA_ENV] = ca_path
+    return out
 
 
 def _default_container(spec: PodSpec) -> str:
