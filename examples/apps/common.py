@@ -14,7 +14,7 @@ Handler = Callable[[BaseHTTPRequestHandler], tuple[int, dict[str, object]]]
 
 def serve(name: str, handle: Handler) -> None:
     port = int(os.environ.get("PORT", "8080"))
-    hostname = os.environ.get("POD_NAME") or socket.gethostname()
+    hostname = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or socket.gethostname()
 
     class _Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
