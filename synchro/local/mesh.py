@@ -682,22 +682,27 @@ class Supervisor:
             if r.pod is not None and r.ip
         ]
 
-    def write_hosts(self, r: PodRecord) -> None:
+    def write_hosts(self, r: PodRecord, *, create: bool = True) -> None:
+        # Under the lock: a Pod stopped meanwhile must not get its directory back.
         with self.lock:
+            if not create and (
+                self.records.get(r.spec.ref) is not r or not (hosts.ETC_NETNS / r.netns).is_dir()
+            ):
+                return
             svcs, pods = servicenat.addresses(
                 self.manifests.services, self.cluster_ips, self._running()
             )
-        spec = r.spec.manifest.get("spec") or {}
-        text = hosts.render(
-            namespace=r.spec.namespace,
-            pod=r.spec.name,
-            ip=r.ip or "127.0.1.1",  # until the Pod has its address
-            services=svcs,
-            pods=pods,
-            hostname=spec.get("hostname"),
-            subdomain=spec.get("subdomain"),
-        )
-        hosts.write(r.netns, text, hosts.render_resolv(r.spec.namespace))
+            spec = r.spec.manifest.get("spec") or {}
+            text = hosts.render(
+                namespace=r.spec.namespace,
+                pod=r.spec.name,
+                ip=r.ip or "127.0.1.1",  # until the Pod has its address
+                services=svcs,
+                pods=pods,
+                hostname=spec.get("hostname"),
+                subdomain=spec.get("subdomain"),
+            )
+            hosts.write(r.netns, text, hosts.render_resolv(r.spec.namespace))
 
     def apply_names(self) -> None:
         """Rewrite hosts files and the node's NAT table when anything they show changed."""
@@ -710,8 +715,7 @@ class Supervisor:
                 self.manifests.services, self.cluster_ips, self._running()
             )
         for r in records:
-            if (hosts.ETC_NETNS / r.netns).is_dir():
-                self.write_hosts(r)
+            self.write_hosts(r, create=False)
         self.hairpin()
         text = servicenat.nat_table(rules)
         if text != self._nat_text:
@@ -880,8 +884,8 @@ class Supervisor:
             if r.pod is not None:
                 r.pod.stop(self.options.grace, pre_stop=False)
             self.node.remove_pod(r.key)
-        hosts.remove(r.netns)
         with self.lock:
+            hosts.remove(r.netns)
             if self.records.get(r.spec.ref) is r:
                 del self.records[r.spec.ref]
             self.names_dirty = True
