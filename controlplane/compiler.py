@@ -337,6 +337,9 @@ class Shared:
     digest: str  # hash of the shared content
     services_json: str  # the services list as canonical JSON, reused when rendering
     selectors: tuple[tuple[str, str, Mapping[str, str]], ...]  # (namespace, name, selector)
+    # Selectors by (namespace, one of their label pairs): a workload's candidates.
+    selector_index: Mapping[tuple[str, str, str], tuple[tuple[str, str, Mapping[str, str]], ...]]
+    json_prefix: str  # '{"services":' + services_json, one string for every proxy
 
 
 def _canonical(data: Any) -> str:
@@ -367,44 +370,56 @@ def shared(resources: ResourceSet) -> Shared:
         else:
             svc_policy[(tp.meta.namespace, tp.target)] = tp.policy
     vips = allocate_cluster_ips(resources.services.values())
+    # Per-service results of the previous build, reused when every input is the
+    # very same object (the parse cache keeps unchanged documents' models).
+    previous: dict[tuple[str, str], tuple[tuple[Any, ...], pc.Service, str]] = resources.memo.get(
+        "services", {}
+    )
+    current: dict[tuple[str, str], tuple[tuple[Any, ...], pc.Service, str]] = {}
     out = []
+    jsons = []
     for key in sorted(resources.services):
         svc = resources.services[key]
         if svc.type == "ExternalName":
             continue
         own = slices.get(key)
-        ports = []
-        for sp in svc.ports:
-            if sp.protocol != "TCP":
-                continue  # the mesh carries TCP only
-            eps = (
-                _endpoints_from_slices(sp, own, pods, td)
-                if own
-                else _endpoints_from_pods(svc, sp, pods, td)
+        if own:
+            members: tuple[Any, ...] = (
+                *own,
+                *(pods.by_name.get(ep.pod) for sl in own for ep in sl.endpoints),
             )
-            target = sp.target_port if isinstance(sp.target_port, int) else 0
-            ports.append(
-                pc.ServicePort(
-                    port=sp.port,
-                    protocol=port_protocol(sp.app_protocol, sp.name),
-                    name=sp.name,
-                    target_port=target,
-                    endpoints=eps,
-                )
+        else:
+            members = (
+                tuple(pods.select(svc.meta.namespace, svc.selector))
+                if svc.selector is not None
+                else ()
             )
-        out.append(
-            pc.Service(
-                name=svc.meta.name,
-                namespace=svc.meta.namespace,
-                cluster_ips=svc.cluster_ips or ((vips[key],) if key in vips else ()),
-                ports=tuple(ports),
-                headless=svc.headless,
-                routes=compile_routes(routes_by_parent.get(key, ()), key),
-                policy=merge_policies(ns_policy.get(svc.meta.namespace), svc_policy.get(key)),
-            )
+        routes = tuple(routes_by_parent.get(key, ()))
+        deps = (
+            svc,
+            members,
+            routes,
+            ns_policy.get(svc.meta.namespace),
+            svc_policy.get(key),
+            td,
+            vips.get(key),
         )
+        hit = previous.get(key)
+        if hit is not None and _same(hit[0], deps):
+            current[key] = hit
+            out.append(hit[1])
+            jsons.append(hit[2])
+            continue
+        compiled = _compile_service(
+            svc, own, pods, td, vips.get(key), routes, ns_policy, svc_policy
+        )
+        text = _canonical(pc.to_dict(compiled))
+        current[key] = (deps, compiled, text)
+        out.append(compiled)
+        jsons.append(text)
+    resources.memo["services"] = current
     services = tuple(out)
-    services_json = _canonical([pc.to_dict(s) for s in services])
+    services_json = "[" + ",".join(jsons) + "]"
     digest = hashlib.sha256(
         "\n".join((services_json, _canonical(pc.to_dict(mesh)), *resources.trust_bundle)).encode()
     ).hexdigest()
@@ -413,9 +428,72 @@ def shared(resources: ResourceSet) -> Shared:
         for s in resources.services.values()
         if s.selector
     )
-    result = Shared(mesh, services, resources.trust_bundle, digest, services_json, selectors)
+    index: dict[tuple[str, str, str], list[tuple[str, str, Mapping[str, str]]]] = {}
+    for sel in selectors:
+        k, v = min(sel[2].items())
+        index.setdefault((sel[0], k, v), []).append(sel)
+    result = Shared(
+        mesh,
+        services,
+        resources.trust_bundle,
+        digest,
+        services_json,
+        selectors,
+        {k: tuple(v) for k, v in index.items()},
+        '{"services":' + services_json,
+    )
     resources._cache["shared"] = result
     return result
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Identity for objects, equality for plain values, element-wise for tuples."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if a is None or isinstance(a, str | int):
+        return bool(a == b)
+    return a is b
+
+
+def _compile_service(
+    svc: rs.Service,
+    own: list[rs.EndpointSlice] | None,
+    pods: _PodIndex,
+    td: str,
+    vip: str | None,
+    routes: tuple[rs.Route, ...],
+    ns_policy: Mapping[str, pc.TrafficPolicy],
+    svc_policy: Mapping[tuple[str, str], pc.TrafficPolicy],
+) -> pc.Service:
+    key = (svc.meta.namespace, svc.meta.name)
+    ports = []
+    for sp in svc.ports:
+        if sp.protocol != "TCP":
+            continue  # the mesh carries TCP only
+        eps = (
+            _endpoints_from_slices(sp, own, pods, td)
+            if own
+            else _endpoints_from_pods(svc, sp, pods, td)
+        )
+        target = sp.target_port if isinstance(sp.target_port, int) else 0
+        ports.append(
+            pc.ServicePort(
+                port=sp.port,
+                protocol=port_protocol(sp.app_protocol, sp.name),
+                name=sp.name,
+                target_port=target,
+                endpoints=eps,
+            )
+        )
+    return pc.Service(
+        name=svc.meta.name,
+        namespace=svc.meta.namespace,
+        cluster_ips=svc.cluster_ips or ((vip,) if vip else ()),
+        ports=tuple(ports),
+        headless=svc.headless,
+        routes=compile_routes(routes, key),
+        policy=merge_policies(ns_policy.get(svc.meta.namespace), svc_policy.get(key)),
+    )
 
 
 # --- the per-proxy part ------------------------------------------------------------------
@@ -468,6 +546,16 @@ def authorization(resources: ResourceSet, proxy: ProxyInfo) -> tuple[pc.Authoriz
     return tuple(out)
 
 
+def _backed_services(sh: Shared, proxy: ProxyInfo) -> tuple[str, ...]:
+    """The services whose selector picks this workload (inbound side)."""
+    found = set()
+    for k, v in proxy.labels.items():
+        for ns, name, sel in sh.selector_index.get((proxy.namespace, k, v), ()):
+            if selects(sel, proxy.labels):
+                found.add(f"{ns}/{name}")
+    return tuple(sorted(found))
+
+
 def compile(resources: ResourceSet, proxy: ProxyInfo) -> pc.ProxyConfig:
     sh = shared(resources)
     memo_key = (
@@ -483,13 +571,7 @@ def compile(resources: ResourceSet, proxy: ProxyInfo) -> pc.ProxyConfig:
     inbound = pc.Inbound(
         peer_authentication=peer_authentication(resources, proxy),
         authorization=authorization(resources, proxy),
-        services=tuple(
-            sorted(
-                f"{ns}/{name}"
-                for ns, name, sel in sh.selectors
-                if ns == proxy.namespace and selects(sel, proxy.labels)
-            )
-        ),
+        services=_backed_services(sh, proxy),
     )
     td = sh.mesh.trust_domain
     workload = pc.Workload(
@@ -527,7 +609,7 @@ def render_parts(resources: ResourceSet, config: pc.ProxyConfig) -> tuple[str, s
     if config.services is not sh.services:
         return "", json.dumps(config.to_dict(), separators=(",", ":"))
     rest = json.dumps(_shallow(config), separators=(",", ":"))
-    return '{"services":' + sh.services_json, "," + rest[1:]
+    return sh.json_prefix, "," + rest[1:]
 
 
 def render(resources: ResourceSet, config: pc.ProxyConfig) -> bytes:

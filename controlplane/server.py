@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from controlplane import compiler
 from controlplane.push import Debouncer, PushHub, Snapshot, pod_document
-from controlplane.validation import Problem, SourceDoc, build
+from controlplane.validation import ParseCache, Problem, SourceDoc, build
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ class Controller:
         self._tasks: list[asyncio.Task[None]] = []
         self.generation = 0
         self.last_build_seconds = 0.0
+        self._parse_cache = ParseCache()
+        self._memo: dict[str, Any] = {}
 
     # --- inputs ---------------------------------------------------------------------
 
@@ -95,7 +97,9 @@ class Controller:
     def rebuild_now(self) -> Snapshot:
         """Validate and pre-compile everything (CPU-bound; runs in a thread)."""
         started = time.perf_counter()
-        resources, problems = build(self._documents(), self.trust_bundle)
+        resources, problems = build(
+            self._documents(), self.trust_bundle, cache=self._parse_cache, memo=self._memo
+        )
         compiler.shared(resources)  # compile the shared part once, before proxies ask
         for name in sorted(self._source_problems):
             problems = [*self._source_problems[name], *problems]

@@ -10,6 +10,7 @@ ever sees a consistent set.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +74,9 @@ class ResourceSet:
     authorization_policies: tuple[rs.AuthorizationPolicy, ...] = ()
     mesh: rs.MeshConfig = field(default_factory=rs.MeshConfig)
     trust_bundle: tuple[str, ...] = ()
+    # Carried from one build to the next by the caller (the controller): the
+    # compiler reuses per-service results whose inputs are the same objects.
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     # Set by the compiler on first use (see compiler.shared); a ResourceSet is
     # never changed otherwise, so caching derived data on it is safe.
     _cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -114,15 +118,48 @@ def _problem(
     )
 
 
+class ParseCache:
+    """Parsed models of the previous build, by document object: a document that
+    is the very same object as last time (an unchanged file, an unchanged watch
+    object) is not parsed again. Sources never mutate a published document."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[Any, rs.Resource | rs.ResourceError | None]] = {}
+
+    def parse(
+        self, doc: Any, into: dict[int, tuple[Any, rs.Resource | rs.ResourceError | None]]
+    ) -> rs.Resource | None:
+        hit = self.entries.get(id(doc))
+        if hit is not None and hit[0] is doc:
+            result = hit[1]
+        else:
+            try:
+                result = rs.parse(doc)
+            except rs.ResourceError as e:
+                result = e
+        into[id(doc)] = (doc, result)  # holding `doc` keeps its id unique
+        if isinstance(result, rs.ResourceError):
+            raise result
+        return result
+
+
 def build(
-    docs: Iterable[SourceDoc], trust_bundle: tuple[str, ...] = ()
+    docs: Iterable[SourceDoc],
+    trust_bundle: tuple[str, ...] = (),
+    *,
+    cache: ParseCache | None = None,
+    memo: dict[str, Any] | None = None,
 ) -> tuple[ResourceSet, list[Problem]]:
+    """Parse and check every document. `cache` and `memo` (kept by the caller
+    between builds) only make it faster; the result is the same without them."""
     problems: list[Problem] = []
     parsed: dict[tuple[str, str, str], tuple[rs.Resource, SourceDoc]] = {}
+    pc_ = cache or ParseCache()
+    fresh: dict[int, tuple[Any, rs.Resource | rs.ResourceError | None]] = {}
     for sd in docs:
         api, kind, ns, name = rs.doc_identity(sd.doc)
         try:
-            res = rs.parse(sd.doc)
+            res = pc_.parse(sd.doc, fresh)
         except rs.ResourceError as e:
             problems.append(
                 Problem(
@@ -158,7 +195,11 @@ def build(
             )
             continue
         parsed[ident] = (res, sd)
-    return _assemble(parsed, problems, trust_bundle)
+    pc_.entries = fresh
+    result, problems = _assemble(parsed, problems, trust_bundle)
+    if memo is not None:
+        result = dataclasses.replace(result, memo=memo)
+    return result, problems
 
 
 def _assemble(

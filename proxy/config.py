@@ -635,10 +635,11 @@ class ProxyConfig:
     def __post_init__(self) -> None:
         _check(bool(self.version), "version: must not be empty")
         _check(self.schema == SCHEMA_VERSION, f"schema: unsupported {self.schema}")
-        seen: set[str] = set()
-        for s in self.services:
-            _check(s.key not in seen, f"services: {s.key} appears twice")
-            seen.add(s.key)
+        if len({(s.namespace, s.name) for s in self.services}) != len(self.services):
+            seen: set[str] = set()
+            for s in self.services:
+                _check(s.key not in seen, f"services: {s.key} appears twice")
+                seen.add(s.key)
         for i, pem in enumerate(self.trust_bundle):
             _check(
                 "-----BEGIN CERTIFICATE-----" in pem, f"trust_bundle[{i}]: not a PEM certificate"

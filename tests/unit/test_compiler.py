@@ -315,3 +315,31 @@ def test_cluster_ip_allocation_is_stable_and_unique() -> None:
     )
     again = {s.key: s.cluster_ips for s in compiler.shared(more).services}
     assert all(again[k] == v for k, v in first.items())
+
+
+def test_caches_across_builds_give_the_same_result() -> None:
+    """The controller's parse cache and per-service memo only save work."""
+    from controlplane.validation import ParseCache
+
+    base = [d for d in yaml.safe_load_all(POLICIES + "\n---\n" + SERVICES) if d]
+    pods = [
+        pod(f"web-{i}", f"10.1.0.{i}", {"app": "web"}, ports={"web": 8080}) for i in range(1, 4)
+    ]
+    cache, memo = ParseCache(), {}
+    info = compiler.ProxyInfo("shop", "api-1", {"app": "api"}, "api")
+    first, _ = build([SourceDoc(d) for d in [*base, *pods]], cache=cache, memo=memo)
+    compiler.compile(first, info)
+    # Scale web: one Pod gone, one new; everything else is the same objects.
+    changed = [
+        *base,
+        pods[0],
+        pods[2],
+        pod("web-9", "10.1.0.9", {"app": "web"}, ports={"web": 8080}),
+    ]
+    cached, _ = build([SourceDoc(d) for d in changed], cache=cache, memo=memo)
+    fresh, _ = build([SourceDoc(d) for d in changed])
+    a, b = compiler.compile(cached, info), compiler.compile(fresh, info)
+    assert a == b and a.version == b.version
+    web = next(s for s in a.services if s.name == "web")
+    assert [e.ip for e in web.ports[0].endpoints] == ["10.1.0.1", "10.1.0.3", "10.1.0.9"]
+    assert compiler.render(cached, a) == compiler.render(fresh, b)
