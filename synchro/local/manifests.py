@@ -23,13 +23,14 @@ the controller's business and pass through untouched.
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import json
 import os
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,8 @@ class PodSpec:
     owner: str  # e.g. "Deployment/frontend"; "Pod/x" for a bare Pod
     where: str
     job: bool = False
+    # configMap and secret volumes: volume name -> file name -> content
+    volume_files: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     @property
     def ref(self) -> str:
@@ -96,8 +99,10 @@ class PodSpec:
 
     @property
     def digest(self) -> str:
-        """Changes exactly when the Pod would be replaced (a new template)."""
-        text = json.dumps(self.manifest, sort_keys=True, separators=(",", ":"), default=str)
+        """Changes exactly when the Pod would be replaced (a new template, or new
+        contents of the ConfigMaps and Secrets it reads)."""
+        both = [self.manifest, self.volume_files]
+        text = json.dumps(both, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -400,6 +405,7 @@ def expand(docs: Sequence[Document]) -> Manifests:
     namespaces: dict[str, dict[str, str]] = {}
     mesh_config: Mapping[str, Any] | None = None
     skipped: list[str] = []
+    data = _config_data(docs)
     for doc in _unlist(docs):
         body = doc.body
         if not isinstance(body, Mapping):
@@ -422,7 +428,135 @@ def expand(docs: Sequence[Document]) -> Manifests:
             skipped.append(f"{doc.where}: CronJob {cron}: not run locally (nothing schedules it)")
     _check_unique(pods, lambda p: p.ref, "Pod")
     _check_unique(services, lambda s: s.ref, "Service")
+    pods = [_resolve_config(p, data) for p in pods]
     return Manifests(tuple(pods), tuple(services), namespaces, mesh_config, tuple(skipped))
+
+
+# --- ConfigMaps and Secrets ------------------------------------------------------------
+
+# (kind, namespace, name) -> key -> value
+ConfigData = Mapping[tuple[str, str, str], Mapping[str, str]]
+
+
+def _config_data(docs: Sequence[Document]) -> ConfigData:
+    out: dict[tuple[str, str, str], dict[str, str]] = {}
+    for doc in _unlist(docs):
+        body = doc.body
+        if not isinstance(body, Mapping) or body.get("kind") not in ("ConfigMap", "Secret"):
+            continue
+        meta = _mapping(body.get("metadata"), f"{doc.where}: metadata")
+        name = meta.get("name")
+        if not isinstance(name, str):
+            continue
+        ns = str(meta.get("namespace") or DEFAULT_NAMESPACE)
+        values = _str_map(body.get("data"), f"{doc.where}: data")
+        if body["kind"] == "Secret":
+            decoded = {}
+            for k, v in values.items():
+                try:
+                    decoded[k] = base64.b64decode(v, validate=True).decode()
+                except (ValueError, UnicodeDecodeError):
+                    raise ManifestError(
+                        f"{doc.where}: data.{k}: not base64 of UTF-8 text"
+                    ) from None
+            values = {**decoded, **_str_map(body.get("stringData"), f"{doc.where}: stringData")}
+        out[(str(body["kind"]), ns, name)] = values
+    return out
+
+
+_REFS = {"configMapKeyRef": "ConfigMap", "secretKeyRef": "Secret"}
+_FROM = {"configMapRef": "ConfigMap", "secretRef": "Secret"}
+
+
+def _lookup(
+    data: ConfigData, kind: str, ns: str, ref: Mapping[str, Any], where: str
+) -> Mapping[str, str] | None:
+    name = ref.get("name")
+    values = data.get((kind, ns, str(name)))
+    if values is None and not ref.get("optional"):
+        raise ManifestError(f"{where}: {kind} {ns}/{name} is not in the directory")
+    return values
+
+
+def _resolve_env(container: dict[str, Any], ns: str, data: ConfigData, where: str) -> None:
+    env: list[Any] = []
+    for i, source in enumerate(container.pop("envFrom", None) or []):
+        here = f"{where}.envFrom[{i}]"
+        for key, kind in _FROM.items():
+            ref = (source or {}).get(key)
+            if isinstance(ref, Mapping):
+                values = _lookup(data, kind, ns, ref, f"{here}.{key}") or {}
+                prefix = str(source.get("prefix") or "")
+                env.extend({"name": prefix + k, "value": v} for k, v in sorted(values.items()))
+    for i, item in enumerate(container.get("env") or []):
+        resolved = _env_value(item, ns, data, f"{where}.env[{i}]")
+        if resolved is not None:
+            env.append(resolved)
+    if env or "env" in container:
+        container["env"] = env
+
+
+def _env_value(item: Any, ns: str, data: ConfigData, where: str) -> Any:
+    """One `env` entry with a ConfigMap or Secret reference replaced by its value
+    (None: an optional reference that is missing, so the variable is unset)."""
+    value_from = item.get("valueFrom") if isinstance(item, Mapping) else None
+    if not isinstance(value_from, Mapping):
+        return item
+    for key, kind in _REFS.items():
+        ref = value_from.get(key)
+        if not isinstance(ref, Mapping):
+            continue
+        here = f"{where}.valueFrom.{key}"
+        found = _lookup(data, kind, ns, ref, here)
+        if found is not None and ref.get("key") in found:
+            return {"name": item.get("name"), "value": found[ref["key"]]}
+        if ref.get("optional"):
+            return None
+        raise ManifestError(f"{here}: no key {ref.get('key')!r} in {kind} {ns}/{ref.get('name')}")
+    return item
+
+
+def _volume_contents(
+    volume: Mapping[str, Any], ns: str, data: ConfigData, where: str
+) -> dict[str, str] | None:
+    for key, kind, name_key in (
+        ("configMap", "ConfigMap", "name"),
+        ("secret", "Secret", "secretName"),
+    ):
+        source = volume.get(key)
+        if not isinstance(source, Mapping):
+            continue
+        ref = {"name": source.get(name_key), "optional": source.get("optional")}
+        values = _lookup(data, kind, ns, ref, f"{where}.{key}") or {}
+        items = source.get("items")
+        if not items:
+            return dict(values)
+        out = {}
+        for item in items:
+            if item.get("key") in values:
+                out[str(item.get("path") or item["key"])] = values[item["key"]]
+        return out
+    return None
+
+
+def _resolve_config(pod: PodSpec, data: ConfigData) -> PodSpec:
+    """Env from ConfigMaps and Secrets in DIR written out as values, and their
+    volumes' files listed, so the local runtime needs no API server."""
+    manifest = copy.deepcopy(dict(pod.manifest))
+    spec = manifest.get("spec") or {}
+    for key in ("initContainers", "containers"):
+        for i, container in enumerate(spec.get(key) or []):
+            if isinstance(container, dict):
+                _resolve_env(container, pod.namespace, data, f"{pod.where}: spec.{key}[{i}]")
+    files: dict[str, dict[str, str]] = {}
+    for i, volume in enumerate(spec.get("volumes") or []):
+        if isinstance(volume, Mapping):
+            contents = _volume_contents(
+                volume, pod.namespace, data, f"{pod.where}: spec.volumes[{i}]"
+            )
+            if contents is not None:
+                files[str(volume.get("name"))] = contents
+    return replace(pod, manifest=manifest, volume_files=files)
 
 
 def _check_unique(items: Sequence[Any], key: Any, what: str) -> None:

@@ -763,16 +763,19 @@ class Supervisor:
     # --- Pods ---------------------------------------------------------------------------
 
     def _volume_files(self, spec: PodSpec, manifest: Mapping[str, Any]) -> dict[str, Any]:
-        """The projected ServiceAccount token the injected proxy reads."""
+        """ConfigMap and Secret volumes' files, and the projected ServiceAccount
+        token the injected proxy reads."""
+        files: dict[str, Any] = dict(spec.volume_files)
         names = {v.get("name") for v in (manifest.get("spec") or {}).get("volumes") or []}
         if "synchro-token" not in names:
-            return {}
+            return files
         from controlplane.tokens import LocalTokens
 
         if self._tokens is None:
             self._tokens = LocalTokens(_token_key(self.paths.tls / "token-key.pem"))
         token = self._tokens.mint(spec.namespace, spec.service_account, pod=spec.name)
-        return {"synchro-token": {"synchro-token": token}}
+        files["synchro-token"] = {"synchro-token": token}
+        return files
 
     def start(self, r: PodRecord) -> None:
         """Admit, start and wait for one Pod (in a pool thread)."""

@@ -363,3 +363,88 @@ def test_an_empty_selector_selects_nothing() -> None:
     assert not servicenat.selects({}, {"a": "b"})
     assert not servicenat.selects(None, {"a": "b"})
     assert servicenat.selects({"a": "b"}, {"a": "b", "c": "d"})
+
+
+# --- ConfigMaps and Secrets -------------------------------------------------------------
+
+
+def _config_docs(
+    container: dict[str, Any], volumes: list[dict[str, Any]] | None = None
+) -> list[Document]:
+    pod = {
+        "kind": "Pod",
+        "metadata": {"name": "app", "namespace": "shop"},
+        "spec": {"containers": [container], **({"volumes": volumes} if volumes else {})},
+    }
+    return docs(
+        {
+            "kind": "ConfigMap",
+            "metadata": {"name": "cfg", "namespace": "shop"},
+            "data": {"MODE": "fast", "app.yaml": "a: 1\n"},
+        },
+        {
+            "kind": "Secret",
+            "metadata": {"name": "sec", "namespace": "shop"},
+            "data": {"TOKEN": "czNjcjN0"},
+            "stringData": {"USER": "bob"},
+        },
+        pod,
+    )
+
+
+def test_env_from_configmaps_and_secrets_becomes_values() -> None:
+    container = {
+        **CONTAINER,
+        "envFrom": [
+            {"configMapRef": {"name": "cfg"}, "prefix": "CFG_"},
+            {"secretRef": {"name": "sec"}},
+        ],
+        "env": [
+            {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "MODE"}}},
+            {"name": "TOKEN_AGAIN", "valueFrom": {"secretKeyRef": {"name": "sec", "key": "TOKEN"}}},
+            {
+                "name": "MAYBE",
+                "valueFrom": {"configMapKeyRef": {"name": "nope", "key": "x", "optional": True}},
+            },
+            {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ],
+    }
+    pod = expand(_config_docs(container)).pods[0]
+    env = pod.manifest["spec"]["containers"][0]["env"]
+    values = {e["name"]: e.get("value") for e in env}
+    assert values["CFG_MODE"] == "fast" and values["TOKEN"] == "s3cr3t" and values["USER"] == "bob"
+    assert values["MODE"] == "fast" and values["TOKEN_AGAIN"] == "s3cr3t"
+    assert "MAYBE" not in values
+    assert env[-1] == container["env"][-1]  # the downward API is the runtime's
+    assert "envFrom" not in pod.manifest["spec"]["containers"][0]
+
+
+def test_configmap_and_secret_volumes_become_files() -> None:
+    volumes = [
+        {
+            "name": "config",
+            "configMap": {"name": "cfg", "items": [{"key": "app.yaml", "path": "conf.yaml"}]},
+        },
+        {"name": "secret", "secret": {"secretName": "sec"}},
+        {"name": "scratch", "emptyDir": {}},
+    ]
+    pod = expand(_config_docs(CONTAINER, volumes)).pods[0]
+    assert pod.volume_files == {
+        "config": {"conf.yaml": "a: 1\n"},
+        "secret": {"TOKEN": "s3cr3t", "USER": "bob"},
+    }
+
+
+def test_a_missing_configmap_names_the_field() -> None:
+    container = {
+        **CONTAINER,
+        "env": [{"name": "X", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "NOPE"}}}],
+    }
+    with pytest.raises(
+        ManifestError,
+        match=r"spec.containers\[0\].env\[0\].valueFrom.configMapKeyRef: no key 'NOPE'",
+    ):
+        expand(_config_docs(container))
+    gone = {**CONTAINER, "envFrom": [{"configMapRef": {"name": "absent"}}]}
+    with pytest.raises(ManifestError, match="ConfigMap shop/absent is not in the directory"):
+        expand(_config_docs(gone))
