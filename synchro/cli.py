@@ -22,6 +22,8 @@ COMMANDS: tuple[str, ...] = (
     "synchro.commands.logs",
     "synchro.commands.exec",
     "synchro.commands.status",
+    "synchro.commands.install",
+    "synchro.commands.uninstall",
 )
 
 
