@@ -28,20 +28,27 @@ import os
 import socket
 import weakref
 from collections import deque
+from http import HTTPStatus
 from typing import Final
 
 import httptools
 
+from proxy import engine as engine_mod
 from proxy import headers as hdrs
 from proxy import pool as upstream_pool
 from proxy import tcp
 from proxy.conn import Address, Downstream, ProxyContext
+from proxy.engine import Call, Reply
 from proxy.headers import Framing
 from proxy.pool import UpstreamBroken, UpstreamConnection, UpstreamError, UpstreamTimeout
+from proxy.telemetry.record import RequestRecord
+from proxy.telemetry.telemetry import replace_trace_headers
+from proxy.traffic.retry import MAX_RETRIABLE_BODY, Failure
 
 log = logging.getLogger(__name__)
 
 READ_SIZE: Final = 256 * 1024
+MIRROR_TIMEOUT: Final = 10.0
 _CRLF: Final = b"\r\n"
 
 
@@ -67,6 +74,14 @@ class ClientGone(Http1Error):
 
 class _QuietClose(Http1Error):
     """Idle keep-alive connection timed out or the proxy drains: close, no answer."""
+
+
+class DeadlineExceeded(UpstreamTimeout):
+    """The request's deadline (caller's header or route timeout) passed."""
+
+
+class TryTimeout(UpstreamTimeout):
+    """One attempt took longer than its per-try timeout."""
 
 
 # The one place errors become statuses. Looked up along the exception's MRO,
@@ -99,12 +114,33 @@ def status_for(exc: BaseException) -> int | None:
     return None
 
 
-def error_response(status: int, *, close: bool, head: bool = False) -> bytes:
-    reason = _REASONS.get(status, b"Error")
+def _reason(status: int) -> bytes:
+    reason = _REASONS.get(status)
+    if reason is None:
+        try:
+            reason = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            reason = b"Error"
+    return reason
+
+
+def error_response(
+    status: int,
+    *,
+    close: bool,
+    head: bool = False,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    message: str = "",
+) -> bytes:
+    reason = _reason(status)
     body = b"%d %s\n" % (status, reason)
+    if message:
+        body += message.encode("utf-8", "replace")[:1024] + b"\n"
+    extra = [b"%s: %s\r\n" % (n, v) for n, v in headers] if headers else []
     return b"".join(
         (
             b"HTTP/1.1 %d %s\r\n" % (status, reason),
+            *extra,
             b"Content-Type: text/plain\r\nContent-Length: %d\r\n" % len(body),
             b"Connection: close\r\n\r\n" if close else _CRLF,
             b"" if head else body,
@@ -423,6 +459,9 @@ class _Conn:
         self.continue_sent = False
         self.response_started = False
         self.head_started = 0.0
+        self.engine = engine_mod.engine_for(ctx)
+        self.telemetry = ctx.telemetry
+        self.rec: RequestRecord | None = None
 
     # -- watchdog -----------------------------------------------------------
 
@@ -605,9 +644,94 @@ class _Conn:
         self.response_started = False
         self.continue_sent = False
         self.up_write_failed = False
+        ds = self.ds
+        stats = self.stats
+        in0, out0 = stats.bytes_from_downstream, stats.bytes_to_downstream
+        rec, trace = self.telemetry.begin(
+            ds.direction,
+            "http",
+            req.headers,
+            method=req.method,
+            path=req.target,
+            http_version="1.1" if req.http11 else "1.0",
+            peer=ds.peer,
+        )
+        self.rec = rec
+        call: Call | None = None
+        try:
+            headers = replace_trace_headers(req.headers, trace) if trace else req.headers
+            engine = self.engine
+            if engine is not None and req.method != b"CONNECT":
+                decision = engine.request(
+                    ds.direction,
+                    ds.upstream,
+                    req.method,
+                    req.target,
+                    headers,
+                    now=self.loop.time(),
+                    peer=ds.peer,
+                )
+                if decision is not None:
+                    if type(decision) is Reply:
+                        return await self._reply(req, decision)
+                    assert isinstance(decision, Call)
+                    call = decision
+                    rec.destination_service = call.service
+                    rec.route = call.route
+                    if call.touches_headers:
+                        headers = call.rewrite_headers(headers)
+            return await self._forward(req, headers, call)
+        finally:
+            if call is not None:
+                call.finish(self.loop.time())
+                rec.flags = call.flags
+                rec.attempts = call.attempts
+                rec.upstream_host = call.upstream
+            rec.request_bytes = stats.bytes_from_downstream - in0
+            rec.response_bytes = stats.bytes_to_downstream - out0
+            self.telemetry.end(rec)
+            self.rec = None
+
+    async def _reply(self, req: _Request, reply: Reply) -> bool:
+        """Answer locally (a redirect, a refusal, a limit, an injected fault)."""
+        if self.rec is not None:
+            self.rec.status = reply.status
+            self.rec.flags = reply.flags
+        log.log(
+            logging.DEBUG if reply.status < 500 else logging.INFO,
+            "http1: %s %s -> %d (local): %s",
+            req.method.decode(),
+            req.target[:200].decode(errors="replace"),
+            reply.status,
+            reply.message,
+        )
+        keep = self.body_done_for(req) and req.keep_alive and not self.ctx.draining.is_set()
+        self.response_started = True
+        self.wd_kind = _STREAM
+        self._touch(self.idle_timeout)
+        await self._write(
+            error_response(
+                reply.status,
+                close=not keep,
+                head=req.method == b"HEAD",
+                headers=reply.headers,
+                message=reply.message,
+            )
+        )
+        if not keep and not self.body_done_for(req):
+            await self._lingering_close()
+        return keep
+
+    def body_done_for(self, req: _Request) -> bool:
+        """Whether the request's whole body has been read (before the head was forwarded)."""
+        if not req.meta.has_body:
+            return True
+        return any(ev is _END for ev in self.rr.events)
+
+    async def _forward(self, req: _Request, headers: hdrs.Headers, call: Call | None) -> bool:
         try:
             pieces, meta = hdrs.forward_request(
-                req.headers, new_request_id=_new_request_id, default_host=self.default_host
+                headers, new_request_id=_new_request_id, default_host=self.default_host
             )
         except ValueError as exc:
             raise BadRequest(f"bad header value: {exc}") from None
@@ -623,6 +747,10 @@ class _Conn:
             head.append(b"TE: trailers\r\nConnection: te\r\n")
         if meta.chunked:
             head.append(b"Transfer-Encoding: chunked\r\n")
+        if call is not None:
+            if call.target is not None:
+                head[2] = call.target
+            return await self._attempts(req, head, call)
         head.append(_CRLF)
         address = self.choose_upstream(req)
         try:
@@ -631,12 +759,116 @@ class _Conn:
             return await self._answer_error(req, exc)
         return await self._respond(req, resp, up)
 
+    async def _attempts(self, req: _Request, head: list[bytes], call: Call) -> bool:
+        """Send `req` as the engine says: attempt, judge the outcome, maybe again.
+
+        `head` is the request head without its final CRLF; each attempt adds the
+        remaining deadline. A body is replayed only when it was read whole first.
+        """
+        loop = self.loop
+        meta = req.meta
+        if call.delay:
+            await asyncio.sleep(call.delay)  # fault injection
+        retry = call.retry
+        if (
+            retry is not None
+            and retry.attempts > 1
+            and not self.body_done
+            and meta.content_length is not None
+            and meta.content_length <= MAX_RETRIABLE_BODY
+            and not meta.expect_continue
+        ):
+            await self._read_whole_body(req)
+        body: list[bytes] = []
+        if not self.body_done:
+            self.body_done = self._take_body(body, meta.chunked, req)
+        call.body_size = sum(map(len, body)) if self.body_done else None
+        if call.mirrors and self.body_done:
+            self._mirror(call, head, body)
+        while True:
+            now = loop.time()
+            target = call.next_address(now)
+            if type(target) is Reply:
+                return await self._reply(req, target)
+            assert isinstance(target, Address)
+            attempt = head + [b"%s: %s\r\n" % h for h in call.deadline_headers(now)]
+            attempt.append(_CRLF)
+            attempt += body
+            timeout = call.try_timeout(now)
+            failure: Failure | None = None
+            error: UpstreamError | None = None
+            try:
+                if timeout is None:
+                    up, resp = await self._exchange(target, req, attempt)
+                else:
+                    async with asyncio.timeout(timeout):
+                        up, resp = await self._exchange(target, req, attempt)
+            except TimeoutError:
+                failure, error = Failure.TIMEOUT, TryTimeout(f"{target} did not answer in time")
+            except upstream_pool.ConnectFailed as exc:
+                failure, error = Failure.CONNECT_FAILURE, exc
+            except UpstreamTimeout as exc:
+                failure, error = Failure.TIMEOUT, exc
+            except UpstreamError as exc:
+                failure, error = Failure.RESET, exc
+            now = loop.time()
+            if error is None:
+                pause = call.result(now, status=resp.status)
+                if pause is None:
+                    if call.response_ops is not None:
+                        resp.headers = call.response_headers(resp.headers)
+                    return await self._respond(req, resp, up)
+                self.up = None
+                self.pool.release(up, reusable=False)
+            else:
+                self._drop_attempt()
+                pause = call.result(now, failure=failure)
+                if pause is None:
+                    if call.expired(now):
+                        error = DeadlineExceeded(f"deadline passed after {call.attempts} attempts")
+                    return await self._answer_error(req, error)
+            if pause > 0:
+                await asyncio.sleep(pause)
+
+    def _drop_attempt(self) -> None:
+        self._stop_pump()
+        if self.up is not None:
+            self.pool.release(self.up, reusable=False)
+            self.up = None
+
+    async def _read_whole_body(self, req: _Request) -> None:
+        """Read a small request body to its end before sending, so that it can be replayed."""
+        events = self.rr.events
+        self._arm(_EXCHANGE, self.idle_timeout)
+        while not any(ev is _END for ev in events):
+            data = await self.reader.read(READ_SIZE)
+            if not data:
+                raise ClientGone("client closed in the middle of the request body")
+            self._touch(self.idle_timeout)
+            self.stats.bytes_from_downstream += len(data)
+            self.rr.feed(data)
+
+    def _mirror(self, call: Call, head: list[bytes], body: list[bytes]) -> None:
+        """Fire-and-forget copies (RequestMirror); their answers are read and dropped."""
+        engine = self.engine
+        assert engine is not None
+        data = b"".join((*head, b"Connection: close\r\n\r\n", *body))
+        for address in call.mirrors:
+            if not engine.mirror_slot():
+                log.debug("http1: mirror to %s skipped: too many in flight", address)
+                continue
+            task = asyncio.ensure_future(_send_mirror(engine, address, data))
+            _mirrors.add(task)
+            task.add_done_callback(_mirrors.discard)
+
     async def _answer_error(self, req: _Request, exc: UpstreamError) -> bool:
         self._stop_pump()
         if self.up is not None:
             self.pool.release(self.up, reusable=False)
             self.up = None
         status = status_for(exc) or 502
+        if self.rec is not None:
+            self.rec.status = status
         keep = self.body_done and req.keep_alive and not self.ctx.draining.is_set()
         log.info(
             "http1: %s %s -> %d: %s",
@@ -789,6 +1021,8 @@ class _Conn:
         codec: _ResponseReader = up.codec
         pieces, rmeta = hdrs.forward_response(resp.headers)
         status = resp.status
+        if self.rec is not None:
+            self.rec.status = status
         if req.meta.upgrade is not None:
             if status == 101:
                 await self._upgrade(req, resp, up, pieces, rmeta)
@@ -927,6 +1161,25 @@ class _Conn:
         self.up = None  # the relay owns and closes it
         ds = dataclasses.replace(self.ds, preread=rest)
         await tcp.relay(ds, up.reader, up.writer, self.ctx)
+
+
+_mirrors: set[asyncio.Future[None]] = set()
+
+
+async def _send_mirror(engine: engine_mod.Engine, address: Address, data: bytes) -> None:
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(MIRROR_TIMEOUT):
+            reader, writer = await asyncio.open_connection(address.host, address.port)
+            writer.write(data)
+            while await reader.read(READ_SIZE):
+                pass
+    except (OSError, TimeoutError) as exc:
+        log.debug("http1: mirror to %s failed: %s", address, exc)
+    finally:
+        if writer is not None:
+            writer.close()
+        engine.mirror_done()
 
 
 def _says_close(headers: hdrs.Headers) -> bool:

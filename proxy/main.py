@@ -17,6 +17,14 @@ Settings come from flags; the webhook's environment (`SYNCHRO_CONCURRENCY`,
 `SYNCHRO_APP_PROBES`, and for telemetry `SYNCHRO_ACCESS_LOG`,
 `SYNCHRO_TRACE_SAMPLING`, `SYNCHRO_OTLP_ENDPOINT`, `SYNCHRO_METRICS`) overrides
 the defaults; a flag given explicitly wins.
+
+Config: with `SYNCHRO_CONTROLLER` (or `--controller`) the proxy subscribes to
+the controller (`proxy.config_client`; CA from `SYNCHRO_CONTROLLER_CA`) and
+`/healthz/ready` waits for the first config; with `--config-file PATH` it reads
+the same JSON from a file and re-reads it on change; with neither it runs
+standalone (every connection goes where it was going). Traffic defaults from the
+Pod's annotations: `SYNCHRO_TIMEOUT`, `SYNCHRO_RETRIES`, `SYNCHRO_RETRY_ON`,
+`SYNCHRO_LOAD_BALANCER` (see `proxy.engine`).
 """
 
 from __future__ import annotations
@@ -33,9 +41,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy import engine as engine_mod
 from proxy import listener as listener_mod
 from proxy import ports
 from proxy.admin import AdminApp, AdminHooks
+from proxy.config_client import ENV_CONTROLLER, ConfigClient, Snapshot
+from proxy.config_file import FileConfigSource
 from proxy.conn import Address, Direction, ProxyContext
 from proxy.listener import Listener, ListenerSettings, parse_host_port, parse_listen
 from proxy.status import AppProbes, ProbeConfigError, StatusApp, parse_app_probes, start_http_server
@@ -72,6 +83,13 @@ class Settings:
     opaque_ports: frozenset[int] = field(default_factory=lambda: ports.SERVER_FIRST_PORTS)
     app_probes: str = ""
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    config_file: str = ""
+    controller: str = ""  # controller URL; "" runs standalone
+    controller_ca: str = ""
+    pod_namespace: str = ""
+    pod_name: str = ""
+    service_account: str = ""
+    outbound: engine_mod.OutboundDefaults = field(default_factory=engine_mod.OutboundDefaults)
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= 64:
@@ -107,6 +125,9 @@ class Settings:
             "idle_timeout": self.idle_timeout,
             "opaque_ports": sorted(self.opaque_ports),
             "telemetry": self.telemetry.dump(),
+            "config_file": self.config_file or None,
+            "controller": self.controller or None,
+            "outbound_defaults": self.outbound.dump(),
         }
 
 
@@ -188,6 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="OTLP/HTTP traces URL, empty: no tracing (env SYNCHRO_OTLP_ENDPOINT)",
     )
     p.add_argument("--metrics", default=None, choices=("on", "off"), help="env SYNCHRO_METRICS")
+    p.add_argument(
+        "--config-file",
+        default=None,
+        metavar="PATH",
+        help="read the proxy config (the controller's JSON, or YAML) from a file, re-read on change",
+    )
+    p.add_argument(
+        "--controller",
+        default=None,
+        metavar="URL",
+        help=f"controller push API, host:port or https://host:port (env {ENV_CONTROLLER})",
+    )
     p.add_argument("--worker-ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -247,6 +280,15 @@ def parse_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings
         )
     except TelemetryError as exc:
         raise SettingsError(str(exc)) from None
+    try:
+        outbound = engine_mod.OutboundDefaults.from_env(env)
+    except engine_mod.EngineError as exc:
+        raise SettingsError(str(exc)) from None
+    controller = str(pick(args.controller, ENV_CONTROLLER, ""))
+    if controller and "://" not in controller:
+        controller = f"https://{controller}"
+    if args.config_file and args.controller:
+        raise SettingsError("--config-file and --controller exclude each other")
     opaque = ports.SERVER_FIRST_PORTS | _ports(
         pick(args.opaque_ports, "SYNCHRO_OPAQUE_PORTS", ""), "opaque ports"
     )
@@ -268,6 +310,13 @@ def parse_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings
         opaque_ports=opaque,
         app_probes=env.get("SYNCHRO_APP_PROBES", ""),
         telemetry=telemetry,
+        config_file=args.config_file or "",
+        controller="" if args.config_file else controller,
+        controller_ca=env.get("SYNCHRO_CONTROLLER_CA", "").strip(),
+        pod_namespace=env.get("POD_NAMESPACE", "").strip(),
+        pod_name=env.get("POD_NAME", "").strip() or os.uname().nodename,
+        service_account=env.get("SERVICE_ACCOUNT", "").strip(),
+        outbound=outbound,
     )
 
 
@@ -372,6 +421,33 @@ async def _watch_parent(stopper: _Stopper) -> None:
     stopper.request_drain()
 
 
+ConfigSource = ConfigClient | FileConfigSource
+
+
+def _config_source(settings: Settings) -> ConfigSource | None:
+    if settings.config_file:
+        return FileConfigSource(settings.config_file)
+    if settings.controller:
+        return ConfigClient(
+            settings.controller,
+            namespace=settings.pod_namespace or "default",
+            pod=settings.pod_name,
+            service_account=settings.service_account or None,
+            ca_file=settings.controller_ca or None,
+        )
+    return None
+
+
+def _config_dump(source: ConfigSource | None, engine: engine_mod.Engine) -> dict[str, Any]:
+    snap = source.current if source is not None else None
+    return {
+        "version": snap.version if snap is not None else None,
+        "source": source.status() if source is not None else None,
+        "config": snap.config.to_dict() if snap is not None else None,
+        "traffic": engine.dump(),
+    }
+
+
 async def run_proxy(settings: Settings, *, worker_ready_fd: int | None = None) -> int:
     ctx = ProxyContext(
         connect_timeout=settings.connect_timeout,
@@ -379,6 +455,21 @@ async def run_proxy(settings: Settings, *, worker_ready_fd: int | None = None) -
         idle_timeout=settings.idle_timeout,
     )
     telemetry = ctx.telemetry = Telemetry(settings.telemetry)
+    engine = engine_mod.Engine(settings.outbound)
+    engine_mod.attach(ctx, engine)
+    metrics = telemetry.metrics
+    engine.on_retry = lambda service, reason: metrics.retries.labels(service, reason).inc()
+    engine.on_ejection = lambda service: metrics.ejections.labels(service).inc()
+    source = _config_source(settings)
+
+    def applied(snap: Snapshot) -> None:
+        engine.apply(snap.registry)
+        metrics.config_info.clear()
+        metrics.config_info.labels(snap.version).set(1)
+
+    if source is not None:
+        source.on_update(applied)
+        source.start()
     stopper = _Stopper()
     stopper.install_signals()
     worker = worker_ready_fd is not None
@@ -391,13 +482,25 @@ async def run_proxy(settings: Settings, *, worker_ready_fd: int | None = None) -
     background: list[asyncio.Task[None]] = []
     if worker:
         assert worker_ready_fd is not None
+        if source is not None:
+            # The supervisor counts a worker ready once it has a config to route with.
+            await source.wait_ready()
         os.write(worker_ready_fd, b"1")
         os.close(worker_ready_fd)
         background.append(asyncio.ensure_future(_watch_parent(stopper)))
     else:
         v6 = listener_mod.ipv6_available()
+
+        def not_ready() -> str | None:
+            if ctx.draining.is_set():
+                return "draining"
+            if source is not None and source.current is None:
+                where = settings.config_file or settings.controller
+                return f"waiting for the first config from {where}"
+            return None
+
         status = StatusApp(
-            lambda: "draining" if ctx.draining.is_set() else None,
+            not_ready,
             _load_probes(settings),
             metrics=telemetry.exposition,
         )
@@ -408,8 +511,8 @@ async def run_proxy(settings: Settings, *, worker_ready_fd: int | None = None) -
             AdminHooks(
                 config_dump=lambda: {
                     "settings": settings.dump(),
-                    "config": None,
                     "pid": os.getpid(),
+                    **_config_dump(source, engine),
                 },
                 listeners=lambda: [item.describe() for item in listeners],
                 drain=stopper.request_drain,
@@ -436,6 +539,8 @@ async def run_proxy(settings: Settings, *, worker_ready_fd: int | None = None) -
     await listener_mod.wait_connections(listeners, 1.0)
     for task in background:
         task.cancel()
+    if source is not None:
+        await source.stop()
     await telemetry.aclose()
     await _close_servers(servers)
     log.info("synchro-proxy exiting")
