@@ -6,6 +6,7 @@ proxy status, and the Pods the local runtime reports.
 | `GET /v1/config?namespace=&pod=&version=&nacked=&wait=&sa=&label=k=v` | long-poll for the proxy's config (see push.py) |
 | `POST /v1/proxies/{namespace}/{pod}/ack` `{"version", "error"}` | ACK (no error) or NACK a version |
 | `GET /v1/proxies` | every proxy: workload, version applied, in sync, last NACK |
+| `GET /v1/config/{namespace}/{pod}` | read-only: the config compiled for that Pod now, `{pod, known, config}` (`synchro explain`, `synchro check`); registers no proxy |
 | `PUT /v1/pods/{namespace}/{name}` | report a Pod: `{ip, labels, serviceAccount, ready, meshed, ports, zone}` or a Pod manifest |
 | `DELETE /v1/pods/{namespace}/{name}` | the Pod is gone |
 | `GET /v1/problems` | invalid resources, as error lines and fields |
@@ -85,6 +86,15 @@ def router(controller: Controller) -> APIRouter:
     async def ack(namespace: str, pod: str, body: Ack) -> dict[str, Any]:
         hub.ack(namespace, pod, body.version, body.error)
         return {"ok": True}
+
+    @r.get("/v1/config/{namespace}/{pod}")
+    async def config_of(namespace: str, pod: str) -> Response:
+        if not hub.has_snapshot.is_set():
+            return JSONResponse({"error": "no configuration built yet"}, status_code=503)
+        info = hub.info(namespace, pod)
+        known = hub.snapshot.resources.pod(namespace, pod) is not None
+        config = hub.config_for(info).to_dict()
+        return JSONResponse({"pod": f"{namespace}/{pod}", "known": known, "config": config})
 
     @r.get("/v1/proxies")
     async def proxies() -> dict[str, Any]:
