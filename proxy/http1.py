@@ -1168,13 +1168,18 @@ _mirrors: set[asyncio.Future[None]] = set()
 
 async def _send_mirror(engine: engine_mod.Engine, address: Address, data: bytes) -> None:
     writer: asyncio.StreamWriter | None = None
+    codec = _ResponseReader(64 * 1024)
     try:
         async with asyncio.timeout(MIRROR_TIMEOUT):
             reader, writer = await asyncio.open_connection(address.host, address.port)
             writer.write(data)
-            while await reader.read(READ_SIZE):
-                pass
-    except (OSError, TimeoutError) as exc:
+            # Read the answer to its end (not every server honours Connection: close).
+            while _END not in codec.events:
+                chunk = await reader.read(READ_SIZE)
+                if not chunk:
+                    break
+                codec.feed(chunk)
+    except (OSError, TimeoutError, UpstreamError) as exc:
         log.debug("http1: mirror to %s failed: %s", address, exc)
     finally:
         if writer is not None:

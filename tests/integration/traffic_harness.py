@@ -128,7 +128,9 @@ class Upstream:
                 with self.lock:
                     self.hits += 1
                     self.seen.append(
-                        Seen(p.parser.get_method().decode(), p.url.decode(), p.headers, bytes(p.body))
+                        Seen(
+                            p.parser.get_method().decode(), p.url.decode(), p.headers, bytes(p.body)
+                        )
                     )
                     if len(self.seen) > 1000:
                         del self.seen[:500]
@@ -142,7 +144,9 @@ class Upstream:
                     % (status, self.name.encode(), len(body), body)
                 )
                 await writer.drain()
-        except (ConnectionError, httptools.HttpParserError):
+        except (ConnectionError, httptools.HttpParserError, asyncio.CancelledError):
+            # (A cancelled handler must end normally: Python 3.11's stream callback
+            # logs a spurious error otherwise.)
             pass
         finally:
             writer.close()
@@ -214,7 +218,9 @@ class Client:
             self.close()
         return status, resp.headers, bytes(resp.body)
 
-    def get(self, path: str = "/", headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    def get(
+        self, path: str = "/", headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
         return self.request("GET", path, headers)
 
 
