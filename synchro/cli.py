@@ -24,6 +24,7 @@ COMMANDS: tuple[str, ...] = (
     "synchro.commands.status",
     "synchro.commands.install",
     "synchro.commands.uninstall",
+    "synchro.commands.explain",
 )
 
 
