@@ -33,7 +33,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.integration.controller_harness import ControllerProcess  # noqa: E402
+from tests.integration.controller_harness import ControllerProcess
 
 NS = "bench"
 
@@ -46,9 +46,23 @@ def pods_for(svc: int, count: int, generation: int = 0) -> list[dict[str, Any]]:
             {
                 "apiVersion": "v1",
                 "kind": "Pod",
-                "metadata": {"name": f"svc-{svc}-{j}-{generation}", "namespace": NS, "labels": {"app": f"svc-{svc}", "version": "v1"}, "annotations": {"synchro.dev/status": "{}"}},
-                "spec": {"serviceAccountName": f"svc-{svc}", "containers": [{"name": "app", "ports": [{"name": "http", "containerPort": 8080}]}]},
-                "status": {"podIP": ip, "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+                "metadata": {
+                    "name": f"svc-{svc}-{j}-{generation}",
+                    "namespace": NS,
+                    "labels": {"app": f"svc-{svc}", "version": "v1"},
+                    "annotations": {"synchro.dev/status": "{}"},
+                },
+                "spec": {
+                    "serviceAccountName": f"svc-{svc}",
+                    "containers": [
+                        {"name": "app", "ports": [{"name": "http", "containerPort": 8080}]}
+                    ],
+                },
+                "status": {
+                    "podIP": ip,
+                    "phase": "Running",
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                },
             }
         )
     return out
@@ -59,11 +73,16 @@ def service(svc: int) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": f"svc-{svc}", "namespace": NS},
-        "spec": {"selector": {"app": f"svc-{svc}"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
+        "spec": {
+            "selector": {"app": f"svc-{svc}"},
+            "ports": [{"name": "http", "port": 80, "targetPort": "http"}],
+        },
     }
 
 
-def write_group(directory: Path, group: int, per_file: int, endpoints: int, bump: dict[int, int]) -> None:
+def write_group(
+    directory: Path, group: int, per_file: int, endpoints: int, bump: dict[int, int]
+) -> None:
     docs: list[dict[str, Any]] = []
     for svc in range(group * per_file, (group + 1) * per_file):
         docs.append(service(svc))
@@ -117,7 +136,13 @@ class LightClient:
                 async with self.http.stream(
                     "GET",
                     f"{self.url}/v1/config",
-                    params={"namespace": NS, "pod": self.pod, "version": self.version, "wait": "30", "label": f"app=client-{self.pod}"},
+                    params={
+                        "namespace": NS,
+                        "pod": self.pod,
+                        "version": self.version,
+                        "wait": "30",
+                        "label": f"app=client-{self.pod}",
+                    },
                     headers={"accept-encoding": "gzip"},
                     timeout=60,
                 ) as resp:
@@ -126,7 +151,11 @@ class LightClient:
                     async for chunk in resp.aiter_raw():  # light: not decoded, not parsed
                         self.bytes += len(chunk)
                     version = resp.headers["x-synchro-version"]
-                await self.http.post(f"{self.url}/v1/proxies/{NS}/{self.pod}/ack", json={"version": version}, timeout=30)
+                await self.http.post(
+                    f"{self.url}/v1/proxies/{NS}/{self.pod}/ack",
+                    json={"version": version},
+                    timeout=30,
+                )
                 self.version = version
                 self.acked_at[version] = time.perf_counter()
             except httpx.HTTPError:
@@ -141,10 +170,22 @@ def rss_kb(pid: int) -> dict[str, int]:
     return out
 
 
-async def run_clients(ctl: ControllerProcess, n_clients: int, changes: int, directory: Path, per_file: int, endpoints: int) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=2 * n_clients + 10, max_keepalive_connections=2 * n_clients + 10)
-    async with httpx.AsyncClient(verify=ctl.ssl, limits=limits, http2=False) as http:
-        clients = [LightClient(i, ctl.url, http) for i in range(n_clients)]
+async def run_clients(
+    ctl: ControllerProcess,
+    n_clients: int,
+    changes: int,
+    directory: Path,
+    per_file: int,
+    endpoints: int,
+) -> dict[str, Any]:
+    # One small pool per client: httpcore's pool scans all its connections on
+    # every request, so one pool of 400 connections would measure httpcore.
+    https = [
+        httpx.AsyncClient(verify=ctl.ssl, limits=httpx.Limits(max_connections=2))
+        for _ in range(n_clients)
+    ]
+    try:
+        clients = [LightClient(i, ctl.url, https[i]) for i in range(n_clients)]
         tasks = [asyncio.create_task(c.run()) for c in clients]
         t0 = time.perf_counter()
         while not all(c.version for c in clients):
@@ -170,11 +211,20 @@ async def run_clients(ctl: ControllerProcess, n_clients: int, changes: int, dire
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        return {"initial_all_acked_s": initial, "latencies": latencies, "bytes_per_client": clients[0].bytes}
+        return {
+            "initial_all_acked_s": initial,
+            "latencies": latencies,
+            "bytes_per_client": clients[0].bytes,
+        }
+    finally:
+        for h in https:
+            await h.aclose()
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--services", type=int, default=1000)
     ap.add_argument("--endpoints", type=int, default=10)
     ap.add_argument("--clients", type=int, default=200)
@@ -188,22 +238,34 @@ def main() -> int:
         for g in range(args.services // per_file):
             write_group(directory, g, per_file, args.endpoints, {})
         ct = compile_time(directory)
-        print(f"resources: {args.services} services x {args.endpoints} endpoints ({int(ct['endpoints'])} endpoints in a proxy config, {ct['config_bytes'] / 1e6:.1f} MB JSON)")
-        print(f"compile: parse YAML {ct['parse_yaml_s'] * 1000:.0f} ms, validate {ct['validate_s'] * 1000:.0f} ms, shared part {ct['compile_shared_s'] * 1000:.0f} ms, per proxy {ct['compile_per_proxy_s'] * 1000:.1f} ms, render JSON {ct['render_json_s'] * 1000:.0f} ms")
+        print(
+            f"resources: {args.services} services x {args.endpoints} endpoints ({int(ct['endpoints'])} endpoints in a proxy config, {ct['config_bytes'] / 1e6:.1f} MB JSON)"
+        )
+        print(
+            f"compile: parse YAML {ct['parse_yaml_s'] * 1000:.0f} ms, validate {ct['validate_s'] * 1000:.0f} ms, shared part {ct['compile_shared_s'] * 1000:.0f} ms, per proxy {ct['compile_per_proxy_s'] * 1000:.1f} ms, render JSON {ct['render_json_s'] * 1000:.0f} ms"
+        )
         ctl = ControllerProcess(directory, work)
         ctl.start(timeout=120)
         try:
             assert ctl.process is not None
-            res = asyncio.run(run_clients(ctl, args.clients, args.changes, directory, per_file, args.endpoints))
+            res = asyncio.run(
+                run_clients(ctl, args.clients, args.changes, directory, per_file, args.endpoints)
+            )
             mem = rss_kb(ctl.process.pid)
         finally:
             ctl.stop()
         lat = sorted(res["latencies"])
         p50 = statistics.median(lat)
-        p99 = lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))]
-        print(f"subscribers: {args.clients} light clients; first config to all ACKed in {res['initial_all_acked_s']:.2f} s; {res['bytes_per_client'] / 1e3:.0f} kB received per client (gzip)")
-        print(f"change -> all {args.clients} ACKed over {len(lat)} changes: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms (target p99 <= 1000 ms)")
-        print(f"controller RSS: {mem.get('VmRSS', 0) / 1024:.0f} MB now, {mem.get('VmHWM', 0) / 1024:.0f} MB peak (target <= 300 MB)")
+        p99 = lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]
+        print(
+            f"subscribers: {args.clients} light clients; first config to all ACKed in {res['initial_all_acked_s']:.2f} s; {res['bytes_per_client'] / 1e3:.0f} kB received per client (gzip)"
+        )
+        print(
+            f"change -> all {args.clients} ACKed over {len(lat)} changes: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms (target p99 <= 1000 ms)"
+        )
+        print(
+            f"controller RSS: {mem.get('VmRSS', 0) / 1024:.0f} MB now, {mem.get('VmHWM', 0) / 1024:.0f} MB peak (target <= 300 MB)"
+        )
         builds = [ln for ln in ctl.log().splitlines() if "built in" in ln]
         if builds:
             print(f"controller's last rebuild: {builds[-1].split('built in ')[-1]}")
