@@ -505,7 +505,10 @@ class Call:
         if self.attempts >= policy.attempts:
             self.flag_set.add(Flag.RETRIES_EXHAUSTED)
             return None
-        if not may_replay(self.method, self.body_size, failure):
+        # gRPC calls are all POSTs; a status listed in retryOn (UNAVAILABLE...) is the
+        # service owner saying the call is safe to repeat, as in gRPC's own retry policy.
+        method = "PUT" if self.grpc and grpc_status else self.method
+        if not may_replay(method, self.body_size, failure):
             return None
         caller = self.caller
         if caller is not None and not caller.budget.try_withdraw(now):

@@ -36,17 +36,24 @@ import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
 
+from proxy import engine as engine_mod
 from proxy.conn import Address, Downstream, ProxyContext
+from proxy.engine import Call, Reply
 from proxy.h2conn import Endpoint, Header, Pipe, new_connection, reset_stream
 from proxy.h2headers import (
     GRPC_UNAVAILABLE,
     MalformedHeaders,
     error_response,
+    header_value,
+    is_grpc,
     request_headers,
     response_headers,
     trailer_headers,
 )
 from proxy.h2pool import H2Pool, H2UpstreamError, UpstreamConnection
+from proxy.telemetry.telemetry import replace_trace_headers
+from proxy.traffic.flags import Flag
+from proxy.traffic.retry import Failure
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,7 @@ _REFUSED = int(h2.errors.ErrorCodes.REFUSED_STREAM)
 _CANCEL = int(h2.errors.ErrorCodes.CANCEL)
 _INTERNAL = int(h2.errors.ErrorCodes.INTERNAL_ERROR)
 _PROTOCOL = int(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+GRPC_DEADLINE_EXCEEDED = 4
 
 _pools: weakref.WeakKeyDictionary[ProxyContext, H2Pool] = weakref.WeakKeyDictionary()
 
@@ -109,13 +117,18 @@ class Exchange:
 
     __slots__ = (
         "attempts",
+        "call",
         "closed",
         "down",
         "down_id",
+        "grpc",
+        "headers",
+        "rec",
         "req",
         "request",
         "resp",
         "responded",
+        "timer",
         "up",
         "up_id",
         "waits",
@@ -127,6 +140,23 @@ class Exchange:
         self.down = down
         self.down_id = down_id
         self.request = request_headers(headers, new_request_id)
+        ds = down.downstream
+        self.rec, trace = down.telemetry.begin(
+            ds.direction,
+            "http",
+            self.request,
+            method=header_value(self.request, b":method") or b"",
+            authority=header_value(self.request, b":authority") or b"",
+            path=header_value(self.request, b":path") or b"",
+            http_version="2",
+            peer=ds.peer,
+        )
+        if trace:
+            self.request = replace_trace_headers(self.request, trace)
+        self.headers = self.request  # of the current attempt
+        self.call: Call | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.grpc = False
         self.req = Pipe(down, down_id)
         self.req.ended = ended
         self.req.sent_log = []
@@ -143,10 +173,97 @@ class Exchange:
     # -- one attempt -----------------------------------------------------------
 
     def start(self) -> None:
-        """Choose the upstream for this request and send it there."""
+        """Ask the traffic engine about this request, then send the first attempt."""
+        down = self.down
+        engine = down.engine
+        if engine is not None and engine.registry is not None:
+            ds = down.downstream
+            request = self.request
+            self.grpc = is_grpc(request)
+            decision = engine.request(
+                ds.direction,
+                ds.upstream,
+                header_value(request, b":method") or b"GET",
+                header_value(request, b":path") or b"/",
+                request,
+                now=down.loop.time(),
+                grpc=self.grpc,
+                peer=ds.peer,
+            )
+            if type(decision) is Reply:
+                self._local_reply(decision)
+                return
+            if decision is not None:
+                assert isinstance(decision, Call)
+                call = self.call = decision
+                self.rec.destination_service = call.service
+                self.rec.route = call.route
+                if call.touches_headers:
+                    self.request = call.rewrite_headers(request)
+                if call.delay:  # fault injection
+                    self.timer = down.loop.call_later(call.delay, self._attempt)
+                    return
+        self._attempt()
+
+    def _attempt(self) -> None:
+        """Send one attempt: where the engine says (or the original destination)."""
+        self.timer = None
+        if self.closed:
+            return
         self.attempts += 1
         self.waits = 0
-        self._dispatch(self.down.choose_upstream(self.request))
+        call = self.call
+        if call is None:
+            self.headers = self.request
+            self._dispatch(self.down.choose_upstream(self.request))
+            return
+        loop = self.down.loop
+        now = loop.time()
+        target = call.next_address(now)
+        if type(target) is Reply:
+            self._local_reply(target)
+            return
+        assert isinstance(target, Address)
+        extra = call.deadline_headers(now)
+        self.headers = self.request + extra if extra else self.request
+        timeout = call.try_timeout(now)
+        if timeout is not None:
+            self.timer = loop.call_later(timeout, self._try_timed_out)
+        self._dispatch(target)
+
+    def _try_timed_out(self) -> None:
+        self.timer = None
+        if self.closed or self.responded:
+            return
+        if self.up is not None:
+            reset_stream(self.up, self.up_id, _CANCEL)
+        self._attempt_failed(False, "upstream did not answer in time", failure=Failure.TIMEOUT)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _replay_size(self) -> int | None:
+        log = self.req.sent_log
+        if log is None:
+            return None
+        return sum(map(len, log)) + sum(len(chunk[0]) for chunk in self.req.pending)
+
+    def _retry_later(self, pause: float) -> None:
+        self.req = self.req.replay()
+        self.req.on_done = self._pipe_done
+        self.up = None
+        if pause > 0:
+            self.timer = self.down.loop.call_later(pause, self._attempt)
+        else:
+            self._attempt()
+
+    def _local_reply(self, reply: Reply) -> None:
+        self.rec.flags = reply.flags
+        grpc_status = reply.grpc_status if reply.grpc_status is not None else GRPC_UNAVAILABLE
+        self._respond_error(reply.status, grpc_status, reply.message, extra=reply.headers)
+        self._finish()
 
     def _dispatch(self, target: Address) -> None:
         conn = self.down.pool.ready(target)
@@ -161,7 +278,7 @@ class Exchange:
         if fut.cancelled():
             self._attempt_failed(False, "connect cancelled", retry=False)
         elif (exc := fut.exception()) is not None:
-            self._attempt_failed(False, str(exc), retry=False)
+            self._attempt_failed(False, str(exc), retry=False, failure=Failure.CONNECT_FAILURE)
         else:
             conn = fut.result()
             if conn.has_capacity:
@@ -180,7 +297,7 @@ class Exchange:
         req = self.req
         end = req.ended and not req.pending and req.trailers is None
         try:
-            up_id = conn.open_stream(self, self.request, end)
+            up_id = conn.open_stream(self, self.headers, end)
         except H2UpstreamError as exc:
             self._attempt_failed(True, str(exc))
             return
@@ -195,14 +312,26 @@ class Exchange:
         else:
             req.attach(conn, up_id)
 
-    def _attempt_failed(self, unprocessed: bool, reason: str, *, retry: bool = True) -> None:
+    def _attempt_failed(
+        self,
+        unprocessed: bool,
+        reason: str,
+        *,
+        retry: bool = True,
+        failure: Failure | None = None,
+    ) -> None:
         if self.closed:
             return
+        self._cancel_timer()
         if self.up is not None:
             self.up.stream_done(self.up_id)
         if self.resp is not None:
             self.resp.abandon()
             self.resp = None
+        call = self.call
+        if call is not None and not self.responded:
+            self._engine_failed(call, unprocessed, reason, retry, failure)
+            return
         if (
             retry
             and unprocessed
@@ -222,17 +351,51 @@ class Exchange:
             self._respond_error(502, GRPC_UNAVAILABLE, f"upstream unavailable: {reason}")
         self._finish()
 
-    def _respond_error(self, status: int, grpc_status: int, message: str) -> None:
+    def _engine_failed(
+        self,
+        call: Call,
+        unprocessed: bool,
+        reason: str,
+        retry: bool,
+        failure: Failure | None,
+    ) -> None:
+        """An attempt failed before a response: the engine decides what comes next."""
+        failure = failure or (Failure.REFUSED_STREAM if unprocessed else Failure.RESET)
+        call.body_size = self._replay_size()
+        now = self.down.loop.time()
+        pause = call.result(now, failure=failure)
+        if (
+            pause is not None
+            and (retry or failure is not Failure.RESET)
+            and self.req.sent_log is not None
+        ):
+            log.debug("stream %d: retrying after %s", self.down_id, reason)
+            self._retry_later(pause)
+            return
+        if call.expired(now):
+            call.flag_set.add(Flag.DEADLINE_EXCEEDED)
+            self._respond_error(504, GRPC_DEADLINE_EXCEEDED, "request deadline exceeded")
+        elif failure is Failure.TIMEOUT:
+            self._respond_error(504, GRPC_DEADLINE_EXCEEDED, f"upstream timeout: {reason}")
+        else:
+            self._respond_error(502, GRPC_UNAVAILABLE, f"upstream unavailable: {reason}")
+        self._finish()
+
+    def _respond_error(
+        self, status: int, grpc_status: int, message: str, *, extra: list[Header] | None = None
+    ) -> None:
         self.responded = True
+        self.rec.status = status
         down = self.down
         if not down.alive:
             return
+        block = error_response(self.request, status, grpc_status, message)
+        if block[0][1] == b"200":
+            self.rec.grpc_status = str(grpc_status)
+        elif extra:
+            block += extra
         try:
-            down.h2.send_headers(
-                self.down_id,
-                error_response(self.request, status, grpc_status, message),
-                end_stream=True,
-            )
+            down.h2.send_headers(self.down_id, block, end_stream=True)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             return
         if not self.req.ended:
@@ -248,6 +411,13 @@ class Exchange:
         except MalformedHeaders as exc:
             self._bad_upstream_headers(exc)
             return
+        call = self.call
+        if call is not None:
+            if self._retry_response(call, forward, ended):
+                return
+            if call.response_ops is not None:
+                forward = call.response_headers(forward)
+        self.rec.status = int(forward[0][1])
         self.responded = True
         self.req.sent_log = None
         down = self.down
@@ -262,6 +432,31 @@ class Exchange:
             assert resp is not None
             resp.ended = resp.done = True
             self._pipe_done()
+
+    def _retry_response(self, call: Call, forward: list[Header], ended: bool) -> bool:
+        """Judge a response head; True when it is dropped for another attempt."""
+        self._cancel_timer()
+        grpc_status = None
+        if ended:  # trailers-only: a gRPC status without a body
+            value = header_value(forward, b"grpc-status")
+            if value is not None and value.isdigit():
+                grpc_status = int(value)
+                self.rec.grpc_status = value.decode()
+        call.body_size = self._replay_size()
+        pause = call.result(
+            self.down.loop.time(), status=int(forward[0][1]), grpc_status=grpc_status
+        )
+        if pause is None or self.req.sent_log is None:
+            return False
+        if self.up is not None:
+            if not ended:
+                reset_stream(self.up, self.up_id, _CANCEL)
+            self.up.stream_done(self.up_id)
+        if self.resp is not None:
+            self.resp.abandon()
+            self.resp = None
+        self._retry_later(pause)
+        return True
 
     def up_informational(self, headers: list[Header]) -> None:
         try:
@@ -298,6 +493,9 @@ class Exchange:
     def up_trailers(self, headers: list[Header]) -> None:
         resp = self.resp
         assert resp is not None
+        value = header_value(headers, b"grpc-status")
+        if value is not None:
+            self.rec.grpc_status = value.decode("latin-1")
         try:
             resp.finish(trailer_headers(headers))
         except MalformedHeaders as exc:
@@ -375,6 +573,15 @@ class Exchange:
         if self.closed:
             return
         self.closed = True
+        self._cancel_timer()
+        rec = self.rec
+        call = self.call
+        if call is not None:
+            call.finish(self.down.loop.time())
+            rec.flags = call.flags
+            rec.attempts = call.attempts
+            rec.upstream_host = call.upstream
+        self.down.telemetry.end(rec)
         self.req.abandon()
         if self.resp is not None:
             self.resp.abandon()
@@ -408,6 +615,8 @@ class DownstreamConnection(Endpoint):
         self.transport = downstream.writer.transport
         self.stats = downstream.stats
         self.exchanges: dict[int, Exchange] = {}
+        self.engine = engine_mod.engine_for(ctx)
+        self.telemetry = ctx.telemetry
         # Highest stream id accepted once we sent GOAWAY (drain or idle).
         self.goaway_last: int | None = None
         self.client_goaway = False
