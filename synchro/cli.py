@@ -25,6 +25,7 @@ COMMANDS: tuple[str, ...] = (
     "synchro.commands.install",
     "synchro.commands.uninstall",
     "synchro.commands.explain",
+    "synchro.commands.completion",
 )
 
 
