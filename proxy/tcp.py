@@ -14,7 +14,10 @@ import socket
 import struct
 from typing import Final
 
-from proxy.conn import Address, ConnectionStats, Downstream, ProxyContext
+from proxy import upstream
+from proxy.conn import Address, ConnectionStats, Direction, Downstream, ProxyContext
+from proxy.engine import Call, Reply, engine_for
+from proxy.traffic.retry import Failure
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +44,12 @@ def reset(writer: asyncio.StreamWriter) -> None:
 async def connect(
     address: Address, ctx: ProxyContext
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Open a connection to an upstream within the connect timeout (OSError on failure)."""
+    """Open a connection to an upstream within the connect timeout (OSError on failure);
+    mTLS to meshed endpoints (proxy.upstream decides)."""
     try:
-        async with asyncio.timeout(ctx.connect_timeout):
-            return await asyncio.open_connection(address.host, address.port, limit=STREAM_LIMIT)
+        return await upstream.open_connection(
+            address, ctx, alpn="tcp", timeout=ctx.connect_timeout, limit=STREAM_LIMIT
+        )
     except TimeoutError as exc:
         raise ConnectionRefusedError(f"connect to {address} timed out") from exc
 
@@ -146,16 +151,71 @@ async def relay(
 
 
 async def serve(downstream: Downstream, ctx: ProxyContext) -> None:
-    """Opaque TCP to `downstream.upstream`."""
-    try:
-        up_r, up_w = await connect(downstream.upstream, ctx)
-    except OSError as exc:
-        log.info(
-            "tcp: upstream %s unavailable for %s: %s; resetting client",
-            downstream.upstream,
-            downstream.peer,
-            exc,
-        )
+    """Opaque TCP to `downstream.upstream`, or, for a service's ClusterIP, to one of
+    its endpoints (picked per connection, another one after a connect failure)."""
+    engine = engine_for(ctx)
+    call: Call | Reply | None = None
+    loop = asyncio.get_running_loop()
+    if (
+        engine is not None
+        and engine.registry is not None
+        and downstream.direction is Direction.OUTBOUND
+    ):
+        call = engine.tcp_call(downstream.upstream, loop.time())
+    if type(call) is Reply:
+        log.info("tcp: refusing %s to %s: %s", downstream.peer, downstream.upstream, call.message)
         reset(downstream.writer)
         return
-    await relay(downstream, up_r, up_w, ctx)
+    rec = ctx.telemetry.tcp_open(
+        downstream.direction,
+        peer=downstream.peer,
+        upstream_host=downstream.upstream,
+        destination_service=call.service if isinstance(call, Call) else "",
+    )
+    try:
+        if call is None:
+            try:
+                up_r, up_w = await connect(downstream.upstream, ctx)
+            except OSError as exc:
+                log.info(
+                    "tcp: upstream %s unavailable for %s: %s; resetting client",
+                    downstream.upstream,
+                    downstream.peer,
+                    exc,
+                )
+                reset(downstream.writer)
+                return
+        else:
+            assert isinstance(call, Call)
+            while True:
+                target = call.next_address(loop.time())
+                if isinstance(target, Reply):
+                    log.info("tcp: %s: %s; resetting client", downstream.peer, target.message)
+                    reset(downstream.writer)
+                    return
+                try:
+                    up_r, up_w = await connect(target, ctx)
+                except OSError as exc:
+                    pause = call.result(loop.time(), failure=Failure.CONNECT_FAILURE)
+                    if pause is None:
+                        log.info(
+                            "tcp: %s unavailable for %s: %s; resetting client",
+                            target,
+                            downstream.peer,
+                            exc,
+                        )
+                        reset(downstream.writer)
+                        return
+                    await asyncio.sleep(pause)
+                    continue
+                call.result(loop.time())  # connected: feeds the balancer's latency
+                rec.upstream_host = str(target)
+                break
+        await relay(downstream, up_r, up_w, ctx)
+    finally:
+        if isinstance(call, Call):
+            call.finish(loop.time())
+            rec.flags = call.flags
+        rec.request_bytes = downstream.stats.bytes_from_downstream
+        rec.response_bytes = downstream.stats.bytes_to_downstream
+        ctx.telemetry.tcp_close(rec)
