@@ -227,6 +227,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="elect a status writer with a coordination.k8s.io Lease (default: on with --kubernetes)",
     )
+    from controlplane import certs  # POST /v1/certificates: its CA flags
+
+    certs.add_arguments(parser)
 
 
 def _split_listen(text: str) -> tuple[str, int]:
@@ -280,8 +283,12 @@ def build_servers(args: argparse.Namespace, uvicorn_server: type | None = None) 
                 "--api-listen needs a certificate: --api-tls-cert/--api-tls-key or --tls-cert/--tls-key (or --api-plaintext)"
             )
         tls = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    from controlplane import certs
+
+    app = create_app(controller)
+    certs.mount(app, args, controller)
     config = uvicorn.Config(
-        create_app(controller),
+        app,
         host=host,
         port=port,
         loop="uvloop",

@@ -65,6 +65,9 @@ class Downstream:
     # outbound, 127.0.0.1:<port> inbound. Per-request routing replaces it later.
     upstream: Address
     stats: ConnectionStats = field(default_factory=ConnectionStats)
+    # The client's SPIFFE ID when the inbound side terminated mTLS for it
+    # (proxy.security.inbound); None for plaintext and outbound connections.
+    peer_identity: str | None = None
 
 
 class ProxyContext:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from typing import Any, Protocol, cast
 
 import h2.errors
@@ -24,7 +25,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from proxy.conn import Address
+from proxy import upstream
+from proxy.conn import Address, ProxyContext
 from proxy.h2conn import Endpoint, Header, WriteBatcher, new_connection
 
 log = logging.getLogger(__name__)
@@ -261,6 +263,8 @@ class H2Pool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self.closed = False
+        # Whose security settings (certificate, config) upstream connections use.
+        self.ctx_ref: weakref.ref[ProxyContext] | None = None
 
     def ready(self, address: Address) -> UpstreamConnection | None:
         """An open connection to `address` that can take one more stream, if any."""
@@ -292,8 +296,13 @@ class H2Pool:
         conn: UpstreamConnection | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await self.loop.create_connection(
-                    lambda: UpstreamConnection(self, address), address.host, address.port
+                # proxy.upstream decides mTLS (meshed endpoint) or plaintext.
+                _, conn = await upstream.create_connection(
+                    lambda: UpstreamConnection(self, address),
+                    address,
+                    self.ctx_ref() if self.ctx_ref is not None else None,
+                    alpn="h2",
+                    timeout=self.connect_timeout,
                 )
                 await conn.settled
         except (OSError, TimeoutError, H2UpstreamError) as exc:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from proxy import detect, origdst, tcp
 from proxy.conn import Address, Direction, Downstream, Handler, Protocol, ProxyContext
+from proxy.security import inbound
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +171,14 @@ class Listener:
             tcp.reset(writer)
             return
         target = original or upstream
-        if target.port in settings.opaque_ports:
+        inbound_mtls = settings.direction is Direction.INBOUND and inbound.detects_tls(
+            self.ctx, target.port
+        )
+        if target.port in settings.opaque_ports and not inbound_mtls:
             protocol, preread = Protocol.TCP, b""
         else:
+            # Inbound with mTLS: a sidecar speaks first even to server-first ports.
             protocol, preread = await self._detect(reader)
-        self.stats.protocols[protocol.value] += 1
         downstream = Downstream(
             reader=reader,
             writer=writer,
@@ -185,7 +189,16 @@ class Listener:
             peer=peer,
             upstream=upstream,
         )
-        await self.handlers[protocol](downstream, self.ctx)
+        if settings.direction is Direction.INBOUND:
+            admitted = await inbound.admit(
+                downstream, self.ctx, detect_timeout=settings.detect_timeout
+            )
+            if admitted is None or not inbound.tcp_allowed(self.ctx, admitted):
+                self.stats.refused += 1
+                return
+            downstream = admitted
+        self.stats.protocols[downstream.protocol.value] += 1
+        await self.handlers[downstream.protocol](downstream, self.ctx)
 
     async def _detect(self, reader: asyncio.StreamReader) -> tuple[Protocol, bytes]:
         loop = asyncio.get_running_loop()

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
+from proxy import upstream
 from proxy.conn import Address, ProxyContext
 
 log = logging.getLogger(__name__)
@@ -164,12 +165,14 @@ class UpstreamConnection:
             self.writer.close()
 
 
-async def connect(address: Address, timeout: float) -> UpstreamConnection:
+async def connect(
+    address: Address, timeout: float, ctx: ProxyContext | None = None
+) -> UpstreamConnection:
     try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(
-                address.host, address.port, limit=STREAM_LIMIT
-            )
+        # proxy.upstream decides mTLS (meshed endpoint) or plaintext.
+        reader, writer = await upstream.open_connection(
+            address, ctx, alpn="http/1.1", timeout=timeout, limit=STREAM_LIMIT
+        )
     except TimeoutError as exc:
         raise ConnectFailed(f"connect to {address} timed out after {timeout}s") from exc
     except OSError as exc:
@@ -193,6 +196,11 @@ class Pool:
         self.closed = False
         self.connects = 0
         self.reuses = 0
+        # Whose security settings (certificate, config) upstream connections use.
+        self.ctx_ref: weakref.ref[ProxyContext] | None = None
+
+    def _ctx(self) -> ProxyContext | None:
+        return self.ctx_ref() if self.ctx_ref is not None else None
 
     def _now(self) -> float:
         if self._clock is None:
@@ -217,12 +225,12 @@ class Pool:
                 return conn
             conn.close()
         self.connects += 1
-        return await connect(address, self.settings.connect_timeout)
+        return await connect(address, self.settings.connect_timeout, self._ctx())
 
     async def connect(self, address: Address) -> UpstreamConnection:
         """A new connection that will not come from the pool (retries of stale ones, tunnels)."""
         self.connects += 1
-        return await connect(address, self.settings.connect_timeout)
+        return await connect(address, self.settings.connect_timeout, self._ctx())
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         """Give `conn` back after a complete exchange, or close it."""
@@ -273,5 +281,6 @@ def pool_for(ctx: ProxyContext) -> Pool:
         pool = Pool(
             PoolSettings(idle_timeout=ctx.pool_idle_timeout, connect_timeout=ctx.connect_timeout)
         )
+        pool.ctx_ref = weakref.ref(ctx)
         _pools[ctx] = pool
     return pool

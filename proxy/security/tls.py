@@ -14,8 +14,13 @@ from contextlib import contextmanager
 
 from proxy.security.identity import WorkloadCertificate
 
-ALPN_BY_PROTOCOL = {"http/1.1": "http/1.1", "h2c": "h2", "tcp": "synchro-tcp"}
-ALPN_PROTOCOLS = ["h2", "http/1.1", "synchro-tcp"]
+# ALPN between sidecars names the inner protocol with a mesh prefix: the server
+# then knows the inner protocol without sniffing (server-first TCP protocols
+# would stall that), and tells the mesh's TLS from an application's own TLS
+# (which PERMISSIVE passes through untouched), as Istio's "istio-*" ALPNs do.
+ALPN_BY_PROTOCOL = {"http/1.1": "synchro-http/1.1", "h2c": "synchro-h2", "tcp": "synchro-tcp"}
+PROTOCOL_BY_ALPN = {v: k for k, v in ALPN_BY_PROTOCOL.items()}
+ALPN_PROTOCOLS = list(ALPN_BY_PROTOCOL.values())
 
 
 class PeerIdentityError(ssl.SSLError):
@@ -37,8 +42,16 @@ def _memory_files(*blobs: bytes) -> Iterator[list[str]]:
             os.close(fd)
 
 
+def mesh_alpn(inner: str) -> str:
+    """The ALPN for an inner protocol: "http/1.1", "h2c" (or "h2") or "tcp"."""
+    return ALPN_BY_PROTOCOL["h2c" if inner == "h2" else inner]
+
+
 def _base_context(
-    purpose: int, cert: WorkloadCertificate, trust_bundle: Sequence[str]
+    purpose: int,
+    cert: WorkloadCertificate,
+    trust_bundle: Sequence[str],
+    alpn: Sequence[str] = ALPN_PROTOCOLS,
 ) -> ssl.SSLContext:
     ctx = ssl.SSLContext(purpose)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -47,7 +60,7 @@ def _base_context(
     ctx.load_verify_locations(cadata="".join(trust_bundle))
     with _memory_files(cert.chain_bytes(), cert.key_pem()) as (chain_path, key_path):
         ctx.load_cert_chain(chain_path, key_path)
-    ctx.set_alpn_protocols(ALPN_PROTOCOLS)
+    ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 
@@ -56,10 +69,13 @@ def server_context(cert: WorkloadCertificate, trust_bundle: Sequence[str]) -> ss
     return _base_context(ssl.PROTOCOL_TLS_SERVER, cert, trust_bundle)
 
 
-def client_context(cert: WorkloadCertificate, trust_bundle: Sequence[str]) -> ssl.SSLContext:
+def client_context(
+    cert: WorkloadCertificate, trust_bundle: Sequence[str], alpn: Sequence[str] = ALPN_PROTOCOLS
+) -> ssl.SSLContext:
     """Outbound: present our certificate, verify the server's chain; the caller
-    checks the SPIFFE ID with `check_peer`."""
-    return _base_context(ssl.PROTOCOL_TLS_CLIENT, cert, trust_bundle)
+    checks the SPIFFE ID with `check_peer`. Sidecars offer one ALPN, the inner
+    protocol's (`mesh_alpn`)."""
+    return _base_context(ssl.PROTOCOL_TLS_CLIENT, cert, trust_bundle, alpn)
 
 
 def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str | None:

@@ -1,0 +1,199 @@
+"""The proxy's security state: its certificate (through `Enrollment`), the config
+in force (PeerAuthentication, AuthorizationPolicies, which endpoints are meshed,
+the trust bundle), and the compiled authorization policies.
+
+The process entry makes one `MeshSecurity`, attaches it to the `ProxyContext`
+(`attach(ctx, security)`), starts its enrollment and registers
+`security.on_config` with the config client. The listener (inbound mTLS),
+`proxy.upstream` (outbound mTLS) and the HTTP handlers (authorization, XFCC)
+find it with `security_for(ctx)`; without one the proxy runs plaintext and
+allows everything, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any, Protocol
+
+from proxy import config as pc
+from proxy.conn import ProxyContext
+from proxy.registry import Registry
+from proxy.security import authz
+from proxy.security.enroll import Enrollment, TLSMaterial
+
+log = logging.getLogger(__name__)
+
+DISABLE = "DISABLE"
+PERMISSIVE = "PERMISSIVE"
+STRICT = "STRICT"
+
+
+class SnapshotLike(Protocol):
+    @property
+    def config(self) -> pc.ProxyConfig: ...
+
+    @property
+    def registry(self) -> Registry: ...
+
+
+def policy_spec(policy: pc.AuthorizationPolicy) -> dict[str, Any]:
+    """The proxy config's AuthorizationPolicy back in Istio's spec shape, for
+    `authz.compile_policy` (empty lists mean "not given")."""
+
+    def put(out: dict[str, Any], key: str, values: tuple[str, ...]) -> None:
+        if values:
+            out[key] = list(values)
+
+    rules = []
+    for rule in policy.rules:
+        froms = []
+        for s in rule.from_:
+            src: dict[str, Any] = {}
+            put(src, "principals", s.principals)
+            put(src, "notPrincipals", s.not_principals)
+            put(src, "namespaces", s.namespaces)
+            put(src, "notNamespaces", s.not_namespaces)
+            put(src, "ipBlocks", s.ip_blocks)
+            put(src, "notIpBlocks", s.not_ip_blocks)
+            froms.append({"source": src})
+        tos = []
+        for o in rule.to:
+            op: dict[str, Any] = {}
+            for name in ("hosts", "ports", "methods", "paths"):
+                put(op, name, getattr(o, name))
+                put(op, "not" + name.capitalize(), getattr(o, "not_" + name))
+            tos.append({"operation": op})
+        whens = []
+        for c in rule.when:
+            cond: dict[str, Any] = {"key": c.key}
+            put(cond, "values", c.values)
+            put(cond, "notValues", c.not_values)
+            whens.append(cond)
+        rules.append({"from": froms, "to": tos, "when": whens})
+    return {"action": policy.action, "rules": rules}
+
+
+def compile_policies(policies: tuple[pc.AuthorizationPolicy, ...]) -> tuple[authz.Policy, ...]:
+    """Compiled policies; one that does not compile becomes a DENY-all, so that a
+    broken policy fails closed instead of silently allowing."""
+    out = []
+    for p in policies:
+        try:
+            out.append(authz.compile_policy(p.name, policy_spec(p)))
+        except authz.AuthzPolicyError as exc:
+            log.error(
+                "AuthorizationPolicy %s does not compile (%s): denying all requests", p.name, exc
+            )
+            out.append(authz.Policy(p.name, authz.Action.DENY, (authz.Rule(),)))
+    return tuple(out)
+
+
+class MeshSecurity:
+    def __init__(self, enrollment: Enrollment | None = None) -> None:
+        self.enrollment = enrollment
+        self.snapshot: SnapshotLike | None = None
+        self.policies: tuple[authz.Policy, ...] = ()
+        # For tests and tools without an enrollment: material set directly.
+        self.static_material: TLSMaterial | None = None
+
+    # --- inputs -------------------------------------------------------------------
+
+    def on_config(self, snapshot: SnapshotLike) -> None:
+        """ConfigClient listener: the new config's policies and trust bundle."""
+        config = snapshot.config
+        self.policies = compile_policies(config.inbound.authorization)
+        self.snapshot = snapshot
+        if config.trust_bundle and self.enrollment is not None:
+            self.enrollment.set_trust_bundle(config.trust_bundle)
+
+    # --- what the data path reads -------------------------------------------------
+
+    @property
+    def config(self) -> pc.ProxyConfig | None:
+        snap = self.snapshot
+        return snap.config if snap is not None else None
+
+    @property
+    def registry(self) -> Registry | None:
+        snap = self.snapshot
+        return snap.registry if snap is not None else None
+
+    @property
+    def material(self) -> TLSMaterial | None:
+        if self.enrollment is not None:
+            return self.enrollment.material
+        return self.static_material
+
+    @property
+    def own_id(self) -> str | None:
+        m = self.material
+        if m is not None:
+            return m.spiffe_id
+        if self.enrollment is not None:
+            return self.enrollment.settings.spiffe_id
+        config = self.config
+        return config.workload.identity if config and config.workload.identity else None
+
+    def mode_for(self, port: int) -> str:
+        """The inbound PeerAuthentication mode on `port` (the mesh default without config)."""
+        config = self.config
+        if config is None:
+            return PERMISSIVE
+        return config.inbound.peer_authentication.mode_for(port)
+
+    def outbound_mode(self) -> str:
+        """Whether this proxy originates mTLS at all: Istio sends plaintext from a
+        workload only when its mesh default is DISABLE."""
+        config = self.config
+        return config.mesh.default_mtls_mode if config is not None else PERMISSIVE
+
+    def mtls_required(self) -> bool:
+        config = self.config
+        if config is None:
+            return True
+        pa = config.inbound.peer_authentication
+        return pa.mode != DISABLE or any(p.mode != DISABLE for p in pa.port_level)
+
+    def ready_reason(self) -> str | None:
+        """For /healthz/ready: a certificate is required once enrollment is configured
+        and mTLS is not disabled for the whole workload."""
+        if self.enrollment is None or not self.mtls_required():
+            return None
+        return self.enrollment.ready_reason()
+
+    def status(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "enrollment": self.enrollment.status() if self.enrollment else None,
+            "spiffe_id": self.own_id,
+            "peer_authentication": (
+                {
+                    "mode": config.inbound.peer_authentication.mode,
+                    "port_level": {
+                        str(p.port): p.mode for p in config.inbound.peer_authentication.port_level
+                    },
+                    "source": config.inbound.peer_authentication.source,
+                }
+                if config
+                else None
+            ),
+            "authorization_policies": [p.name for p in self.policies],
+        }
+
+
+_state: weakref.WeakKeyDictionary[ProxyContext, MeshSecurity] = weakref.WeakKeyDictionary()
+
+
+def attach(ctx: ProxyContext, security: MeshSecurity) -> None:
+    _state[ctx] = security
+
+
+def security_for(ctx: ProxyContext | None) -> MeshSecurity | None:
+    """The security attached to `ctx`. Without a ctx (a pool made outside a
+    handler), the process's only one; None when there are several (tests)."""
+    if ctx is not None:
+        return _state.get(ctx)
+    if len(_state) == 1:
+        return next(iter(_state.values()))
+    return None
