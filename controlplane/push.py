@@ -166,7 +166,7 @@ class ProxyTracker:
         """One row per proxy for GET /v1/proxies; `current` gives the version it should run."""
         out = []
         for st in sorted(self.proxies.values(), key=lambda s: (s.namespace, s.pod)):
-            want = current(st)
+            want = current(st)  # may fill in the workload from the resources
             out.append(
                 {
                     "proxy": st.id,
@@ -315,6 +315,10 @@ class PushHub:
         info = self.info(
             st.namespace, st.pod, labels=st.labels, service_account=st.service_account or None
         )
+        # What the resources know about the Pod beats the proxy's own report.
+        if self.snapshot.resources.pod(st.namespace, st.pod) is not None:
+            st.service_account = st.service_account or info.service_account
+            st.labels = st.labels or dict(info.labels)
         return self.config_for(info).version
 
     async def poll(
