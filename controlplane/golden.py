@@ -35,6 +35,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 REQUESTS_SAMPLE = "synchro_requests_total"
 BUCKET_SAMPLE = "synchro_request_duration_seconds_bucket"
+CERT_SAMPLE = "synchro_certificate_expiry_timestamp_seconds"
+CONFIG_SAMPLE = "synchro_config_info"
 UNKNOWN = "unknown"
 # Scrapes of caller and callee are a few milliseconds apart, so their counts
 # differ by the requests in flight; an excess below this share of what the
@@ -67,6 +69,8 @@ class TargetSample:
 
     requests: Mapping[tuple[Key, bool], float]  # (key, success) -> count
     latency: Mapping[Key, Buckets]
+    certificate_expiry: float | None = None  # seconds since the epoch
+    config_version: str = ""  # the config the proxy says it runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,33 +112,48 @@ def _relevant(text: str) -> str:
     # parser need not see them. TYPE lines keep the families typed.
     keep = []
     for line in text.splitlines():
-        if line.startswith((REQUESTS_SAMPLE, BUCKET_SAMPLE)) or (
-            line.startswith("# TYPE synchro_request")
+        if line.startswith((REQUESTS_SAMPLE, BUCKET_SAMPLE, CERT_SAMPLE, CONFIG_SAMPLE)) or (
+            line.startswith(
+                ("# TYPE synchro_request", "# TYPE " + CERT_SAMPLE, "# TYPE synchro_config")
+            )
         ):
             keep.append(line)
     return "\n".join(keep) + "\n"
 
 
-def parse_exposition(text: str) -> TargetSample:
-    """A proxy's `/metrics` (Prometheus text format) -> its request counters."""
+def sample_from_series(series: Iterable[tuple[str, Mapping[str, str], float]]) -> TargetSample:
+    """(sample name, labels, value) triples -> one target's counters. Series
+    from a Prometheus query come this way; `parse_exposition` feeds it too."""
     requests: dict[tuple[Key, bool], float] = defaultdict(float)
     latency: dict[Key, dict[float, float]] = defaultdict(lambda: defaultdict(float))
+    expiry: float | None = None
+    version = ""
+    for name, labels, value in series:
+        if name == REQUESTS_SAMPLE:
+            ok = success(labels.get("response_code", ""), labels.get("grpc_status", ""))
+            requests[(_key(labels), ok)] += value
+        elif name == BUCKET_SAMPLE:
+            try:
+                le = float(labels.get("le", "nan"))
+            except ValueError:
+                le = math.nan
+            if math.isnan(le):
+                raise GoldenError(f"{BUCKET_SAMPLE} without a valid le label")
+            latency[_key(labels)][le] += value
+        elif name == CERT_SAMPLE and value > 0:
+            expiry = value
+        elif name == CONFIG_SAMPLE and value > 0:
+            version = labels.get("version", "")
+    return TargetSample(dict(requests), {k: dict(v) for k, v in latency.items()}, expiry, version)
+
+
+def parse_exposition(text: str) -> TargetSample:
+    """A proxy's `/metrics` (Prometheus text format) -> its request counters."""
     try:
-        for family in text_string_to_metric_families(_relevant(text)):
-            for s in family.samples:
-                if s.name == REQUESTS_SAMPLE:
-                    ok = success(s.labels.get("response_code", ""), s.labels.get("grpc_status", ""))
-                    requests[(_key(s.labels), ok)] += s.value
-                elif s.name == BUCKET_SAMPLE:
-                    le = float(s.labels.get("le", "nan"))
-                    if math.isnan(le):
-                        raise GoldenError(f"{BUCKET_SAMPLE} without a valid le label")
-                    latency[_key(s.labels)][le] += s.value
-    except GoldenError:
-        raise
+        families = list(text_string_to_metric_families(_relevant(text)))
     except (ValueError, TypeError, IndexError, KeyError) as exc:
         raise GoldenError(f"not a Prometheus text exposition: {exc}") from None
-    return TargetSample(dict(requests), {k: dict(v) for k, v in latency.items()})
+    return sample_from_series((s.name, s.labels, s.value) for f in families for s in f.samples)
 
 
 def quantile(q: float, buckets: Buckets) -> float | None:

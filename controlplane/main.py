@@ -20,8 +20,8 @@ from pathlib import Path
 
 import uvicorn
 
+from controlplane import dashboard, webhook_tls
 from controlplane import server as discovery
-from controlplane import webhook_tls
 from proxy import ports
 from webhook.app import create_app
 from webhook.config import ConfigError, InjectorConfig
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="MutatingWebhookConfiguration whose caBundle is set",
     )
     discovery.add_arguments(parser)
+    dashboard.add_arguments(parser)
     return parser
 
 
@@ -193,6 +194,7 @@ def build_servers(args: argparse.Namespace, stop: threading.Event) -> list[uvico
         )
     try:
         servers.extend(discovery.build_servers(args, _Server))
+        servers.extend(dashboard.build_servers(args, servers, _Server))
     except (ValueError, OSError) as exc:
         raise ControllerError(str(exc)) from exc
     return servers
