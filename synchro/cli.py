@@ -22,6 +22,7 @@ COMMANDS: tuple[str, ...] = (
     "synchro.commands.logs",
     "synchro.commands.exec",
     "synchro.commands.status",
+    "synchro.commands.top",
     "synchro.commands.install",
     "synchro.commands.uninstall",
     "synchro.commands.explain",
