@@ -227,9 +227,10 @@ class CertificateAuthority:
                 ),
                 critical=False,
             )
+            # Not critical: the subject is not empty (RFC 5280 4.2.1.6).
             .add_extension(
                 x509.SubjectAlternativeName([x509.UniformResourceIdentifier(expected)]),
-                critical=True,
+                critical=False,
             )
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.issuer.key.public_key()),

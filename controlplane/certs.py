@@ -53,6 +53,7 @@ TOKEN_KEY_FILE = "token-key.pem"
 MAX_BODY = 64 * 1024
 ENV_CA_DIR = "SYNCHRO_CA_DIR"
 ENV_TOKEN_KEY = "SYNCHRO_TOKEN_KEY"
+ENV_CERT_LIFETIME = "SYNCHRO_CERT_LIFETIME"
 
 
 class CertsError(Exception):
@@ -315,9 +316,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--cert-lifetime",
         type=float,
-        default=ca_mod.WORKLOAD_LIFETIME.total_seconds(),
+        default=float(
+            os.environ.get(ENV_CERT_LIFETIME) or ca_mod.WORKLOAD_LIFETIME.total_seconds()
+        ),
         metavar="SECONDS",
-        help="lifetime of workload certificates (default 24 h)",
+        help=f"lifetime of workload certificates (env {ENV_CERT_LIFETIME}; default 24 h)",
     )
 
 
@@ -385,7 +388,10 @@ def build_service(args: argparse.Namespace) -> CertificateService:
 def mount(app: FastAPI, args: argparse.Namespace, controller: Any = None) -> CertificateService:
     """Add the enrollment routes to the controller API; the CA's roots become the
     proxies' trust bundle unless `--trust-bundle` named one."""
-    service = build_service(args)
+    try:
+        service = build_service(args)
+    except (ca_mod.CAError, ValueError, OSError) as exc:
+        raise ValueError(f"certificate authority: {exc}") from exc
     app.include_router(router(service))
     app.state.certificates = service
     if controller is not None and not getattr(controller, "trust_bundle", ()):

@@ -124,7 +124,8 @@ class TLSMaterial:
 
 
 def next_wait(
-    cert: identity.WorkloadCertificate | None,
+    received: dt.datetime | None,
+    not_after: dt.datetime | None,
     now: dt.datetime,
     failures: int,
     rng: random.Random,
@@ -133,12 +134,14 @@ def next_wait(
     cap: float = 60.0,
 ) -> float:
     """Seconds until the next enrollment attempt: backoff after a failure, else
-    the jittered half-life of the current certificate (0 when there is none)."""
+    the jittered half-life of the current certificate (0 when there is none).
+    The life counts from when we received it: the CA backdates notBefore by
+    minutes for clock skew, which would otherwise eat short lifetimes."""
     if failures:
         return identity.retry_delay(failures, rng, base=base, cap=cap)
-    if cert is None:
+    if received is None or not_after is None:
         return 0.0
-    at = identity.renewal_time(cert.not_before, cert.not_after, rng)
+    at = identity.renewal_time(min(received, not_after), not_after, rng)
     return max(0.0, (at - now).total_seconds())
 
 
@@ -175,6 +178,7 @@ class Enrollment:
         self.rng = rng or random.Random()
         self.clock = clock
         self._material: TLSMaterial | None = None
+        self._received: dt.datetime | None = None
         self._bundle_override: tuple[str, ...] = ()
         self._task: asyncio.Task[None] | None = None
         self.failures = 0
@@ -292,14 +296,17 @@ class Enrollment:
                 f"controller issued {cert.spiffe_id}, we asked for {self.settings.spiffe_id}"
             )
         material = TLSMaterial.build(cert, self._bundle_override or bundle)
+        self._received = self.clock()
         self._swap(material)
         return material
 
     async def run(self) -> None:
         async with httpx.AsyncClient(verify=self._verify(), timeout=self.settings.timeout) as http:
             while True:
+                m = self._material
                 wait = next_wait(
-                    self._material.cert if self._material else None,
+                    self._received if m else None,
+                    m.cert.not_after if m else None,
                     self.clock(),
                     self.failures,
                     self.rng,
