@@ -152,7 +152,7 @@ def test_bad_tokens_are_401_with_a_log_line(
         status, body = post(controller, {"csr": csr_for(SHOP_FRONTEND), "token": token})
         assert status == 401, (reason, body)
         assert reason in body["error"], (reason, body)
-        wait_log(controller, f"certificate refused (401) for unauthenticated")
+        wait_log(controller, "certificate refused (401) for unauthenticated")
     status, body = post(controller, {"csr": csr_for(SHOP_FRONTEND)})
     assert status == 401 and "token" in body["error"]
 
