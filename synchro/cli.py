@@ -27,6 +27,7 @@ COMMANDS: tuple[str, ...] = (
     "synchro.commands.uninstall",
     "synchro.commands.explain",
     "synchro.commands.completion",
+    "synchro.commands.check",
 )
 
 
