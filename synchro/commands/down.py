@@ -43,6 +43,7 @@ def register(subparsers: Any) -> None:
         "down",
         help="stop the local mesh and remove everything it made",
         description=__doc__,
+        epilog="examples:\n  sudo synchro down\n  sudo synchro down --all -q\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_mesh_flag(down)

@@ -216,6 +216,9 @@ def register(subparsers: Any) -> None:
         help="add the Synchro proxy to Pods and workloads in YAML",
         description="Inject the init container and proxy sidecar, as the webhook would, "
         "into the Pods and Pod templates of FILE; write the YAML to stdout.",
+        epilog="examples:\n  synchro inject -f app.yaml | kubectl apply -f -\n"
+        "  kubectl get deploy web -o yaml | synchro inject -f - | kubectl apply -f -\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(inject)
     inject.add_argument(
@@ -230,6 +233,8 @@ def register(subparsers: Any) -> None:
         help="remove what `synchro inject` or the webhook added",
         description="Remove the injected containers, volumes and annotations from the "
         "Pods and Pod templates of FILE, restoring the rewritten probes; YAML to stdout.",
+        epilog="examples:\n  kubectl get deploy web -o yaml | synchro uninject -f - | kubectl apply -f -\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(uninject)
     uninject.set_defaults(func=cmd_uninject)

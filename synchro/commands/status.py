@@ -95,6 +95,8 @@ def register(subparsers: Any) -> None:
         "status",
         help="the proxies' config sync state (like istioctl proxy-status)",
         description=__doc__,
+        epilog="examples:\n  synchro status --controller https://127.0.0.1:15012 --cacert ca.crt\n"
+        "  synchro status -n shop -o json\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
