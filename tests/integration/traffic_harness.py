@@ -174,9 +174,16 @@ class _Resp:
 class Client:
     """One keep-alive HTTP/1.1 connection; reconnects when the server closes it."""
 
-    def __init__(self, address: tuple[str, int], timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        timeout: float = 10.0,
+        connect: Callable[[tuple[str, int]], socket.socket] | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
+        # How to open the connection; netns tests pass one that dials from a Pod.
+        self.connect = connect
         self.sock: socket.socket | None = None
 
     def __enter__(self) -> Client:
@@ -198,7 +205,11 @@ class Client:
         body: bytes = b"",
     ) -> tuple[int, dict[str, str], bytes]:
         if self.sock is None:
-            self.sock = socket.create_connection(self.address, timeout=self.timeout)
+            if self.connect is not None:
+                self.sock = self.connect(self.address)
+                self.sock.settimeout(self.timeout)
+            else:
+                self.sock = socket.create_connection(self.address, timeout=self.timeout)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         lines = [f"{method} {path} HTTP/1.1", "Host: web"]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
@@ -233,6 +244,7 @@ def load(
     headers: dict[str, str] | None = None,
     method: str = "GET",
     on_result: Callable[[int, dict[str, str], float], None] | None = None,
+    connect: Callable[[tuple[str, int]], socket.socket] | None = None,
 ) -> list[tuple[int, str]]:
     """`n` requests over `concurrency` keep-alive connections -> [(status, x-upstream)].
     A connection error counts as status 0."""
@@ -241,7 +253,7 @@ def load(
     counter = iter(range(n))
 
     def worker() -> None:
-        with Client(address) as c:
+        with Client(address, connect=connect) as c:
             while True:
                 with lock:
                     if next(counter, None) is None:
