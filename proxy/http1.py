@@ -37,10 +37,11 @@ from proxy import engine as engine_mod
 from proxy import headers as hdrs
 from proxy import pool as upstream_pool
 from proxy import tcp
-from proxy.conn import Address, Downstream, ProxyContext
+from proxy.conn import Address, Direction, Downstream, ProxyContext
 from proxy.engine import Call, Reply
 from proxy.headers import Framing
 from proxy.pool import UpstreamBroken, UpstreamConnection, UpstreamError, UpstreamTimeout
+from proxy.security import inbound
 from proxy.telemetry.record import RequestRecord
 from proxy.telemetry.telemetry import replace_trace_headers
 from proxy.traffic.retry import MAX_RETRIABLE_BODY, Failure
@@ -660,6 +661,12 @@ class _Conn:
         call: Call | None = None
         try:
             headers = replace_trace_headers(req.headers, trace) if trace else req.headers
+            if ds.direction is Direction.INBOUND:
+                # Authorization and x-forwarded-client-cert (proxy.security.inbound).
+                checked = inbound.http_request(self.ctx, ds, req.method, req.target, headers)
+                if not isinstance(checked, list):
+                    return await self._reply(req, inbound.denied_reply())
+                headers = checked
             engine = self.engine
             if engine is not None and req.method != b"CONNECT":
                 decision = engine.request(

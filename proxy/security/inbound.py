@@ -41,9 +41,11 @@ import uvloop
 
 from proxy import detect
 from proxy.conn import Downstream, Protocol, ProxyContext
+from proxy.engine import Reply
 from proxy.security import authz, tls
 from proxy.security.runtime import DISABLE, STRICT, MeshSecurity, security_for
 from proxy.tcp import reset
+from proxy.traffic.flags import Flag
 
 log = logging.getLogger(__name__)
 
@@ -450,3 +452,33 @@ def tcp_allowed(ctx: ProxyContext, downstream: Downstream) -> bool:
         reset(downstream.writer)
         return False
     return True
+
+
+def http_request(
+    ctx: ProxyContext,
+    downstream: Downstream,
+    method: bytes,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
+) -> list[tuple[bytes, bytes]] | authz.Deny:
+    """For the HTTP handlers, once per inbound request: the headers to forward
+    (x-forwarded-client-cert replaced by what this hop verified) or a Deny
+    (answer 403 with DENIED_BODY). HTTP/2 passes `:path`/`:authority` headers."""
+    security = security_for(ctx)
+    if security is None:
+        return headers
+    if security.policies:
+        host = b""
+        for name, value in headers:
+            if name in (b"host", b":authority"):
+                host = value
+                break
+        decision = authorize(ctx, downstream, method, target, host, headers)
+        if isinstance(decision, authz.Deny):
+            return decision
+    return set_xfcc(headers, xfcc_value(ctx, downstream))
+
+
+def denied_reply() -> Reply:
+    """The local answer to a denied HTTP request: 403, a short body, flag UAEX."""
+    return Reply(403, DENIED_BODY, Flag.UNAUTHORIZED, grpc_status=7)  # PERMISSION_DENIED
