@@ -28,7 +28,8 @@ from typing import Any
 
 from proxy import config as pc
 from proxy.registry import Passthrough, Refuse, Registry, ToEndpoint, ToService
-from proxy.security import authz
+from proxy.security import authz, runtime
+from proxy.security.inbound import principal_of
 from proxy.traffic.retry import RetryConfigError, RetryPolicy
 from proxy.traffic.routing import RequestView, RouteTable
 from synchro import controller_api, output
@@ -183,59 +184,13 @@ def _plain(v: Any) -> Any:
     return v
 
 
-# --- authorization: the config's policies as the core's ------------------------------
+# --- authorization: compiled as the proxy compiles them ---------------------------------
 
 
-def policy_spec(policy: pc.AuthorizationPolicy) -> dict[str, Any]:
-    """The Istio-shaped spec `authz.compile_policy` takes, from the pushed config.
-
-    Empty tuples in the config mean "not given"; the core distinguishes an
-    absent field from an empty list, so only non-empty fields are written.
-    """
-
-    def fields(obj: Any, names: Mapping[str, str]) -> dict[str, Any]:
-        return {key: list(getattr(obj, attr)) for attr, key in names.items() if getattr(obj, attr)}
-
-    source_names = {
-        "principals": "principals",
-        "not_principals": "notPrincipals",
-        "namespaces": "namespaces",
-        "not_namespaces": "notNamespaces",
-        "ip_blocks": "ipBlocks",
-        "not_ip_blocks": "notIpBlocks",
-    }
-    op_names = {
-        "hosts": "hosts",
-        "not_hosts": "notHosts",
-        "ports": "ports",
-        "not_ports": "notPorts",
-        "methods": "methods",
-        "not_methods": "notMethods",
-        "paths": "paths",
-        "not_paths": "notPaths",
-    }
-    rules = []
-    for rule in policy.rules:
-        r: dict[str, Any] = {}
-        if rule.from_:
-            r["from"] = [{"source": fields(s, source_names)} for s in rule.from_]
-        if rule.to:
-            r["to"] = [{"operation": fields(o, op_names)} for o in rule.to]
-        if rule.when:
-            r["when"] = [
-                {
-                    "key": c.key,
-                    **({"values": list(c.values)} if c.values else {}),
-                    **({"notValues": list(c.not_values)} if c.not_values else {}),
-                }
-                for c in rule.when
-            ]
-        rules.append(r)
-    return {"action": policy.action, "rules": rules}
-
-
-def compiled_policies(config: pc.ProxyConfig) -> list[authz.Policy]:
-    return [authz.compile_policy(p.name, policy_spec(p)) for p in config.inbound.authorization]
+def compiled_policies(config: pc.ProxyConfig) -> tuple[authz.Policy, ...]:
+    """The destination proxy's own compilation (a policy that does not compile
+    becomes DENY-all there, so it does here)."""
+    return runtime.compile_policies(config.inbound.authorization)
 
 
 # --- route matching, in words ---------------------------------------------------------
@@ -399,10 +354,6 @@ def _lb(policy: pc.TrafficPolicy | None) -> dict[str, Any]:
 # --- mTLS and authorization at the destination ------------------------------------------
 
 
-def _strip_spiffe(identity: str) -> str:
-    return identity.removeprefix("spiffe://")
-
-
 def _source_ip(src: pc.ProxyConfig, pod: str) -> str:
     for svc in src.services:
         for sp in svc.ports:
@@ -452,19 +403,18 @@ def _mtls_and_authz(
         )
     pa = dst.inbound.peer_authentication
     mode = pa.mode_for(endpoint.port)
-    # The caller's proxy speaks mTLS to every meshed endpoint; a caller without a
-    # sidecar speaks plaintext.
-    mutual = mode != "DISABLE" and _source_meshed(src, req.source_pod) is not False
+    # As proxy.upstream.plan decides: the caller's proxy speaks mTLS to every meshed
+    # endpoint unless its mesh default is DISABLE; a caller without a sidecar
+    # speaks plaintext.
+    mutual = (
+        src.mesh.default_mtls_mode != "DISABLE" and _source_meshed(src, req.source_pod) is not False
+    )
     where = pa.source or "mesh default"
     if any(p.port == endpoint.port for p in pa.port_level):
         where += f" (port {endpoint.port})"
     mtls = Mtls(mode, where, mutual, refused=(mode == "STRICT" and not mutual))
-    identity = _identity(src)
-    peer = authz.Peer(
-        principal=_strip_spiffe(identity) if mutual and identity else None,
-        namespace=src.workload.namespace if mutual and src.workload.namespace else None,
-        ip=_source_ip(src, req.source_pod),
-    )
+    principal, namespace = principal_of(_identity(src) if mutual else None)
+    peer = authz.Peer(principal, namespace, _source_ip(src, req.source_pod))
     areq = authz.Request(
         port=endpoint.port,
         protocol="http" if protocol in HTTP_PROTOCOLS else "tcp",
@@ -473,10 +423,7 @@ def _mtls_and_authz(
         host=req.headers.get("host", host),
         headers=req.headers,
     )
-    try:
-        policies = compiled_policies(dst)
-    except authz.AuthzPolicyError as e:
-        return mtls, Authorization("UNKNOWN", None, f"a policy does not compile: {e}")
+    policies = compiled_policies(dst)
     names = tuple(p.name for p in policies)
     decision = authz.decide(policies, peer, areq)
     if isinstance(decision, authz.Deny):

@@ -18,7 +18,7 @@ import yaml
 from controlplane import compiler
 from controlplane.validation import ResourceSet, SourceDoc, build
 from proxy import config as pc
-from proxy.security import authz
+from proxy.security import authz, runtime
 from proxy.traffic.retry import RetryPolicy, retriable_outcome
 from proxy.traffic.routing import RequestView, RouteTable
 from synchro import output
@@ -296,7 +296,7 @@ def test_denied_call_agrees_with_authz(shop: dict[str, pc.ProxyConfig]) -> None:
     assert e.outcome == "denied" and e.status == 403
     # The core itself, on the destination's config and the caller's identity.
     dst = shop["shop/payments-0"]
-    policies = [authz.compile_policy(p.name, ex.policy_spec(p)) for p in dst.inbound.authorization]
+    policies = runtime.compile_policies(dst.inbound.authorization)
     peer = authz.Peer("cluster.local/ns/shop/sa/ratings", "shop", "10.1.0.30")
     request = authz.Request(port=50051, method="POST", path="/shop.Payments/Charge")
     assert isinstance(authz.decide(policies, peer, request), authz.Deny)
@@ -313,34 +313,26 @@ def test_allowed_call(shop: dict[str, pc.ProxyConfig]) -> None:
     assert get.outcome == "denied"
 
 
-def test_policy_spec_keeps_istio_semantics() -> None:
-    # An empty `from` entry matches any source; `notNamespaces` must not match.
-    policy = pc.AuthorizationPolicy(
-        name="shop/p",
-        action="DENY",
-        rules=(
-            pc.AuthorizationRule(
-                from_=(pc.Source(not_namespaces=("shop",)),),
-                to=(pc.Operation(ports=("8080",), paths=("/admin*",)),),
-                when=(pc.Condition(key="request.headers[x-env]", values=("prod",)),),
-            ),
-        ),
+def test_a_broken_policy_fails_closed_as_in_the_proxy() -> None:
+    # Compiled by the proxy's own runtime: one that does not compile denies all.
+    bad = pc.Condition(key="request.auth.claims[x]", values=("y",))
+    broken = pc.AuthorizationPolicy(name="shop/broken", rules=(pc.AuthorizationRule(when=(bad,)),))
+    dst = pc.ProxyConfig(version="v", inbound=pc.Inbound(authorization=(broken,)))
+    (policy,) = ex.compiled_policies(dst)
+    assert policy.action is authz.Action.DENY
+
+
+def test_mtls_follows_the_callers_mesh_default(shop: dict[str, pc.ProxyConfig]) -> None:
+    # proxy.upstream sends plaintext when the caller's mesh default is DISABLE.
+    src = shop["shop/ratings-0"]
+    plain = pc.ProxyConfig.from_dict(
+        {**src.to_dict(), "mesh": {**pc.to_dict(src.mesh), "default_mtls_mode": "DISABLE"}}
     )
-    spec = ex.policy_spec(policy)
-    assert spec == {
-        "action": "DENY",
-        "rules": [
-            {
-                "from": [{"source": {"notNamespaces": ["shop"]}}],
-                "to": [{"operation": {"ports": ["8080"], "paths": ["/admin*"]}}],
-                "when": [{"key": "request.headers[x-env]", "values": ["prod"]}],
-            }
-        ],
-    }
-    compiled = authz.compile_policy(policy.name, spec)
-    outsider = authz.Peer("cluster.local/ns/other/sa/x", "other", "10.0.0.1")
-    req = authz.Request(port=8080, path="/admin/x", headers={"x-env": "prod"})
-    assert isinstance(authz.decide([compiled], outsider, req), authz.Deny)
+    request = ex.Request("payments", 50051, "/x", "POST", {}, "shop/ratings-0")
+    e = ex.explain(plain, shop["shop/payments-0"], request)
+    (b,) = e.backends
+    assert b.mtls is not None and not b.mtls.mutual_tls and b.mtls.refused
+    assert e.outcome == "reset"
 
 
 def test_plaintext_from_a_pod_without_sidecar_to_strict_is_refused() -> None:
