@@ -49,6 +49,8 @@ from proxy.config_client import ENV_CONTROLLER, ConfigClient, Snapshot
 from proxy.config_file import FileConfigSource
 from proxy.conn import Address, Direction, ProxyContext
 from proxy.listener import Listener, ListenerSettings, parse_host_port, parse_listen
+from proxy.security import runtime as security_runtime
+from proxy.security.enroll import EnrollError
 from proxy.status import AppProbes, ProbeConfigError, StatusApp, parse_app_probes, start_http_server
 from proxy.telemetry.telemetry import (
     Telemetry,
@@ -438,6 +440,15 @@ def _config_source(settings: Settings) -> ConfigSource | None:
     return None
 
 
+def _mesh_security(settings: Settings) -> security_runtime.MeshSecurity | None:
+    """Workload identity and mTLS when a controller is configured (proxy.security)."""
+    try:
+        return security_runtime.MeshSecurity.from_env(os.environ, settings.controller)
+    except EnrollError as exc:
+        log.error("no workload identity, mTLS off: %s", exc)
+        return None
+
+
 def _config_dump(source: ConfigSource | None, engine: engine_mod.Engine) -> dict[str, Any]:
     snap = source.current if source is not None else None
     return {
@@ -469,6 +480,13 @@ async def run_proxy(settings: Settings, *, worker_ready_fd: int | None = None) -
 
     if source is not None:
         source.on_update(applied)
+    security = _mesh_security(settings)
+    if security is not None:
+        security_runtime.attach(ctx, security)
+        if source is not None:
+            source.on_update(security.on_config)
+        security.start()
+    if source is not None:
         source.start()
     stopper = _Stopper()
     stopper.install_signals()
@@ -497,6 +515,8 @@ async def run_proxy(settings: Settings, *, worker_ready_fd: int | None = None) -
             if source is not None and source.current is None:
                 where = settings.config_file or settings.controller
                 return f"waiting for the first config from {where}"
+            if security is not None:
+                return security.ready_reason()  # a certificate when mTLS is on
             return None
 
         status = StatusApp(
@@ -513,6 +533,7 @@ async def run_proxy(settings: Settings, *, worker_ready_fd: int | None = None) -
                     "settings": settings.dump(),
                     "pid": os.getpid(),
                     **_config_dump(source, engine),
+                    "security": security.status() if security is not None else None,
                 },
                 listeners=lambda: [item.describe() for item in listeners],
                 drain=stopper.request_drain,
@@ -541,6 +562,8 @@ async def run_proxy(settings: Settings, *, worker_ready_fd: int | None = None) -
         task.cancel()
     if source is not None:
         await source.stop()
+    if security is not None:
+        await security.stop()
     await telemetry.aclose()
     await _close_servers(servers)
     log.info("synchro-proxy exiting")

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from proxy import config as pc
 from proxy.conn import ProxyContext
 from proxy.registry import Registry
 from proxy.security import authz
-from proxy.security.enroll import Enrollment, TLSMaterial
+from proxy.security.enroll import Enrollment, EnrollSettings, TLSMaterial
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,23 @@ class MeshSecurity:
         self.policies: tuple[authz.Policy, ...] = ()
         # For tests and tools without an enrollment: material set directly.
         self.static_material: TLSMaterial | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], controller: str = "") -> MeshSecurity | None:
+        """The proxy's security from the webhook's environment (see
+        `EnrollSettings.from_env`); None for a standalone proxy (no controller)."""
+        if controller:
+            env = {**env, "SYNCHRO_CONTROLLER": controller}
+        settings = EnrollSettings.from_env(env)
+        return cls(Enrollment(settings)) if settings is not None else None
+
+    def start(self) -> None:
+        if self.enrollment is not None:
+            self.enrollment.start()
+
+    async def stop(self) -> None:
+        if self.enrollment is not None:
+            await self.enrollment.stop()
 
     # --- inputs -------------------------------------------------------------------
 

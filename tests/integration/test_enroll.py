@@ -274,3 +274,39 @@ def test_a_refused_enrollment_says_why(
             await Enrollment(settings).enroll_once()
 
     asyncio.run(scenario())
+
+
+def test_a_real_synchro_proxy_enrolls_and_is_ready_only_with_a_certificate(
+    controller: ControllerProcess, tokens: LocalTokens, tmp_path: Path
+) -> None:
+    from tests.integration import proxy_harness
+
+    token_file = tmp_path / "token"
+    env = {
+        "SYNCHRO_CONTROLLER": f"127.0.0.1:{controller.port}",
+        "SYNCHRO_CONTROLLER_CA": str(controller.cert),
+        "POD_NAMESPACE": "shop",
+        "POD_NAME": "frontend-1",
+        "SERVICE_ACCOUNT": "frontend",
+        "SYNCHRO_TOKEN_FILE": str(token_file),
+    }
+    # No token yet: the proxy has its config but no certificate, so it is not ready.
+    with pytest.raises(RuntimeError, match=r"not ready(.|\n)*ServiceAccount token"):
+        proxy_harness.start_proxy(env=env, ready_timeout=3.0)
+    token_file.write_text(tokens.mint("shop", "frontend", pod="frontend-1"))
+    proxy = proxy_harness.start_proxy(env=env, ready_timeout=15.0)
+    try:
+        dump = proxy.admin_json("/config_dump")
+        security = dump["security"]
+        assert security["spiffe_id"] == SHOP_FRONTEND
+        assert security["enrollment"]["not_after"] is not None
+        assert security["enrollment"]["trust_bundle_roots"] == 1
+        # Renewal (the controller issues 4 s certificates) keeps it ready.
+        deadline = time.monotonic() + 10
+        while proxy.admin_json("/config_dump")["security"]["enrollment"]["renewals"] < 1:
+            assert time.monotonic() < deadline, proxy.log()[-3000:]
+            time.sleep(0.2)
+        status, _ = proxy.get("/healthz/ready")
+        assert status == 200
+    finally:
+        proxy.stop()
