@@ -37,7 +37,7 @@ import h2.settings
 from hyperframe.frame import GoAwayFrame
 
 from proxy import engine as engine_mod
-from proxy.conn import Address, Downstream, ProxyContext
+from proxy.conn import Address, Direction, Downstream, ProxyContext
 from proxy.engine import Call, Reply
 from proxy.h2conn import Endpoint, Header, Pipe, new_connection, reset_stream
 from proxy.h2headers import (
@@ -51,6 +51,7 @@ from proxy.h2headers import (
     trailer_headers,
 )
 from proxy.h2pool import H2Pool, H2UpstreamError, UpstreamConnection
+from proxy.security import inbound
 from proxy.telemetry.telemetry import replace_trace_headers
 from proxy.traffic.flags import Flag
 from proxy.traffic.retry import Failure
@@ -87,6 +88,7 @@ def pool_for(ctx: ProxyContext) -> H2Pool:
             max_header_list_size=ctx.max_header_bytes,
             loop=loop,
         )
+        pool.ctx_ref = weakref.ref(ctx)  # proxy.upstream: mTLS with this context's identity
         _pools[ctx] = pool
     return pool
 
@@ -175,6 +177,19 @@ class Exchange:
     def start(self) -> None:
         """Ask the traffic engine about this request, then send the first attempt."""
         down = self.down
+        if down.downstream.direction is Direction.INBOUND:
+            # Authorization and x-forwarded-client-cert (proxy.security.inbound).
+            checked = inbound.http_request(
+                down.ctx,
+                down.downstream,
+                header_value(self.request, b":method") or b"",
+                header_value(self.request, b":path") or b"",
+                self.request,
+            )
+            if not isinstance(checked, list):
+                self._local_reply(inbound.denied_reply())
+                return
+            self.request = self.headers = checked
         engine = down.engine
         if engine is not None and engine.registry is not None:
             ds = down.downstream

@@ -38,6 +38,7 @@ from controlplane.tokens import LocalTokens
 from proxy.security import tls
 from proxy.security.identity import WorkloadCertificate, make_csr, new_key
 from tests.integration.controller_harness import ControllerProcess
+from tests.integration.grpc_support.h2server import TinyH2Server
 from tests.integration.mesh_harness import (
     MeshProxy,
     has_cert,
@@ -99,8 +100,16 @@ def apps() -> Iterator[dict[str, int]]:
         s.server_close()
 
 
-def _resources(secure_port: int, open_port: int) -> str:
+def _resources(secure_port: int, open_port: int, h2_port: int) -> str:
     return f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: h2web, namespace: secure}}
+spec:
+  clusterIP: 10.96.7.3
+  selector: {{app: h2web}}
+  ports: [{{name: http2, port: 80, targetPort: {h2_port}}}]
+---
 apiVersion: v1
 kind: Service
 metadata: {{name: web, namespace: secure}}
@@ -135,7 +144,10 @@ spec:
 
 
 class Mesh:
-    def __init__(self, controller: ControllerProcess, tokens: LocalTokens, work: Path) -> None:
+    def __init__(
+        self, controller: ControllerProcess, tokens: LocalTokens, work: Path, h2_app: TinyH2Server
+    ) -> None:
+        self.h2_app = h2_app
         self.controller = controller
         self.tokens = tokens
         self.work = work
@@ -147,8 +159,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, apps: dict[str, int]) -> Iter
     work = tmp_path_factory.mktemp("mtls")
     config = work / "config"
     config.mkdir()
-    secure_port, open_port = free_port(), free_port()
-    (config / "mesh.yaml").write_text(_resources(secure_port, open_port))
+    secure_port, open_port, h2_port = free_port(), free_port(), free_port()
+    (config / "mesh.yaml").write_text(_resources(secure_port, open_port, h2_port))
+    h2_app = TinyH2Server().__enter__()
     old = os.environ.get("SYNCHRO_CERT_LIFETIME")
     os.environ["SYNCHRO_CERT_LIFETIME"] = str(LIFETIME)
     controller = ControllerProcess(config, work)
@@ -156,16 +169,20 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, apps: dict[str, int]) -> Iter
     try:
         controller.start()
         tokens = LocalTokens(load_token_key(work / "token-key.pem"))
-        m = Mesh(controller, tokens, work)
-        for name, ns, port in (("secure", "secure", secure_port), ("open", "open", open_port)):
+        m = Mesh(controller, tokens, work, h2_app)
+        for name, ns, port, app, app_port in (
+            ("secure", "secure", secure_port, "web", apps["secure"]),
+            ("open", "open", open_port, "web", apps["open"]),
+            ("h2", "secure", h2_port, "h2web", h2_app.port),
+        ):
             p = MeshProxy(
                 controller,
                 tokens,
                 work,
                 namespace=ns,
                 service_account="web",
-                labels={"app": "web"},
-                app_port=apps[name],
+                labels={"app": app},
+                app_port=app_port,
             )
             p.inbound_port = port
             stack.append(p.__enter__())
@@ -178,7 +195,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, apps: dict[str, int]) -> Iter
                 namespace="shop",
                 service_account=sa,
                 labels={"app": name},
-                outbound={"secure": secure_port, "open": open_port},
+                outbound={"secure": secure_port, "open": open_port, "h2": h2_port},
             )
             stack.append(p.__enter__())
             m.proxies[name] = p
@@ -187,13 +204,16 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, apps: dict[str, int]) -> Iter
         for name in ("frontend", "intruder"):
             m.proxies[name].wait_ready(knows_meshed_endpoint(secure_port), "configured")
             m.proxies[name].wait_ready(knows_meshed_endpoint(open_port), "configured")
+            m.proxies[name].wait_ready(knows_meshed_endpoint(h2_port), "configured")
         m.proxies["secure"].wait_ready(mode_is(apps["secure"], "STRICT"), "STRICT")
         m.proxies["open"].wait_ready(mode_is(apps["open"], "PERMISSIVE"), "PERMISSIVE")
+        m.proxies["h2"].wait_ready(mode_is(h2_app.port, "STRICT"), "STRICT")
         yield m
     finally:
         for p in reversed(stack):
             p.close()
         controller.stop()
+        h2_app.__exit__(None, None, None)
         if old is None:
             os.environ.pop("SYNCHRO_CERT_LIFETIME", None)
         else:
@@ -233,6 +253,42 @@ def test_meshed_to_meshed_is_mtls_and_the_app_sees_the_client_identity(mesh: Mes
     seen = get_json(front.outbound_port("open"))
     assert f"URI={FRONTEND}" in seen["x-forwarded-client-cert"]
     assert f"By={OPEN_WEB}" in seen["x-forwarded-client-cert"]
+
+
+def test_http2_between_sidecars_is_mtls_too(mesh: Mesh) -> None:
+    front = mesh.proxies["frontend"]
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-i",
+            "--http2-prior-knowledge",
+            "-H",
+            "x-forwarded-client-cert: URI=forged",
+            f"http://127.0.0.1:{front.outbound_port('h2')}/hello",
+        ],
+        capture_output=True,
+        timeout=20,
+        check=False,
+    )
+    assert out.stdout.startswith(b"HTTP/2 200"), out
+    seen = mesh.h2_app.requests[-1]
+    assert f"URI={FRONTEND}" in seen["x-forwarded-client-cert"], seen
+    assert "forged" not in seen["x-forwarded-client-cert"]
+    # The intruder is denied by the same policy over HTTP/2.
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-i",
+            "--http2-prior-knowledge",
+            f"http://127.0.0.1:{mesh.proxies['intruder'].outbound_port('h2')}/hello",
+        ],
+        capture_output=True,
+        timeout=20,
+        check=False,
+    )
+    assert out.stdout.startswith(b"HTTP/2 403"), out
 
 
 def test_strict_refuses_plaintext_curl(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
