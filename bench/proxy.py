@@ -224,18 +224,67 @@ def synchro_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "proxy.main"]
 
 
-def synchro_launcher(extra_args: Sequence[str] = (), concurrency: int = 1) -> Launcher:
-    """A launcher for synchro-proxy with --static-destination; variants add flags."""
+def features_config(workdir: Path, protocol: str, vip: int, upstream: HostPort) -> Path:
+    """A config that turns the traffic features on for the benchmark's requests:
+    the static destination is a Service's ClusterIP:port whose one endpoint is
+    nginx, with an HTTPRoute path match, peak-EWMA balancing (the default), a
+    retry policy and an outlier detector."""
+    from proxy import config as pc
+
+    route = pc.Route(
+        kind="http",
+        name="bench/files",
+        rule=0,
+        match=pc.RouteMatch(path=pc.PathMatch("PathPrefix", "/")),
+        backends=(pc.WeightedBackend("bench/nginx", vip),),
+    )
+    service = pc.Service(
+        name="nginx",
+        namespace="bench",
+        cluster_ips=(LOOPBACK,),
+        ports=(
+            pc.ServicePort(
+                port=vip,
+                protocol="http" if protocol == "http1" else "http2",
+                endpoints=(pc.Endpoint(ip=upstream[0], port=upstream[1]),),
+            ),
+        ),
+        routes=(route,),
+        policy=pc.TrafficPolicy(
+            load_balancer=pc.LoadBalancer("ewma"),
+            retry=pc.RetryPolicy(attempts=2, retry_on=("5xx", "connect-failure")),
+            outlier_detection=pc.OutlierDetection(consecutive_5xx_errors=5),
+        ),
+    )
+    path = workdir / f"features-{protocol}.json"
+    config = pc.ProxyConfig(version="bench", services=(service,))
+    path.write_text(json.dumps(config.to_dict()))
+    return path
+
+
+def synchro_launcher(
+    extra_args: Sequence[str] = (), concurrency: int = 1, features: bool = False
+) -> Launcher:
+    """A launcher for synchro-proxy with --static-destination; variants add flags.
+    `features`: the destination is a Service with traffic features on."""
 
     def launch(ctx: Ctx, protocol: str, upstream: HostPort) -> Hop:
         ports = {name: free_port() for name in ("outbound", "inbound", "status")}
+        destination = upstream
+        feature_args: list[str] = []
+        if features:
+            vip = free_port()  # nothing listens there: the config maps it to nginx
+            destination = (LOOPBACK, vip)
+            config = features_config(ctx.workdir, protocol, vip, upstream)
+            feature_args = [f"--config-file={config}"]
         argv = [
             *synchro_command(),
             f"--outbound-listen={LOOPBACK}:{ports['outbound']}",
             f"--inbound-listen={LOOPBACK}:{ports['inbound']}",
             f"--status-listen={LOOPBACK}:{ports['status']}",
             "--admin-listen=",
-            f"--static-destination={upstream[0]}:{upstream[1]}",
+            f"--static-destination={destination[0]}:{destination[1]}",
+            *feature_args,
             f"--concurrency={concurrency}",
             "--log-level=warning",
             *extra_args,
@@ -270,6 +319,12 @@ PATHS: tuple[PathSpec, ...] = (
         "synchro-proxy, 1 worker, --static-destination",
         synchro_launcher(),
         cpu_baseline="haproxy",
+    ),
+    PathSpec(
+        "synchro-features",
+        "synchro-proxy, route match + EWMA + retry policy + outlier detector",
+        synchro_launcher(features=True),
+        cpu_baseline="synchro",
     ),
 )
 
@@ -425,6 +480,14 @@ TARGETS: tuple[Target, ...] = tuple(
         Target("CPU/request vs HAProxy", "synchro", proto, "cpu_ratio", 1.5, "haproxy"),
         Target("p99 added at 1,000 req/s", "synchro", proto, "p99_added_ms", 0.5, "direct"),
         Target("RSS after the run", "synchro", proto, "rss_mb", 40.0),
+        Target(
+            "CPU/request, features on vs bare",
+            "synchro-features",
+            proto,
+            "cpu_ratio",
+            1.2,
+            "synchro",
+        ),
     )
 )
 

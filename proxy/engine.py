@@ -95,6 +95,7 @@ SAFE_RETRY_ON: Final = frozenset({"connect-failure", "refused-stream"})
 # What `retryOn` means when a retry count is given without conditions (Istio's default).
 DEFAULT_RETRY_ON: Final = ("connect-failure", "refused-stream", "unavailable", "503")
 MAX_MIRRORS_IN_FLIGHT: Final = 64
+MATCH_MEMO: Final = 4096  # remembered route matches per service port
 
 _GRPC_TIMEOUT: Final = b"grpc-timeout"
 _DEADLINE_MS: Final = b"synchro-deadline-ms"
@@ -258,6 +259,9 @@ class _ServicePlan:
     caller: ServiceState  # the called service's state: its retry budget
     hash: pc.ConsistentHash | None
     faults: fl.FaultPolicy | None
+    needs_host: bool  # a redirect needs the request's host
+    # Route matches by (method, target) when no route looks at headers; bounded.
+    matched: dict[tuple[bytes, bytes], _RoutePlan]
 
 
 def fault_policy(fi: pc.FaultInjection | None) -> fl.FaultPolicy | None:
@@ -471,6 +475,7 @@ class Call:
                 total_endpoints=len(b.endpoints),
             )
             if ejected:
+                st.ejected(now)
                 log.info("outlier detection ejected %s of %s", key, b.key)
                 if self.engine.on_ejection is not None:
                     self.engine.on_ejection(b.key)
@@ -745,6 +750,12 @@ class Engine:
             port=port,
             table=table,
             needs_headers=any(r.match.headers for r in routes),
+            needs_host=any(
+                f.request_redirect is not None
+                for r in routes
+                for f in (*r.filters, *(f for b in r.backends for f in b.filters))
+            ),
+            matched={},
             routes={},
             default=self._route_plan(svc, port, None, own),
             caller=caller,
@@ -835,17 +846,30 @@ class Engine:
         host = b""
         if plan.table is not None:
             hdrs: dict[str, str] = {}
-            for name, value in headers:
-                low = name.lower()
-                if low in (_HOST, _AUTHORITY):
-                    host = value
-                if plan.needs_headers:
-                    hdrs.setdefault(low.decode("latin-1"), value.decode("latin-1"))
-            view = RequestView.from_target(method.decode("latin-1"), target.decode("latin-1"), hdrs)
-            matched = plan.table.match(view, res.port.port)
-            if matched is None:
-                return Reply(404, f"no route of {svc.key} matches", Flag.NO_ROUTE, grpc_status=12)
-            rp = plan.routes[id(matched)]
+            if plan.needs_host or plan.needs_headers:
+                for name, value in headers:
+                    low = name.lower()
+                    if low in (_HOST, _AUTHORITY):
+                        host = value
+                    if plan.needs_headers:
+                        hdrs.setdefault(low.decode("latin-1"), value.decode("latin-1"))
+            memo = None if plan.needs_headers else plan.matched.get((method, target))
+            if memo is not None:
+                rp = memo
+            else:
+                view = RequestView.from_target(
+                    method.decode("latin-1"), target.decode("latin-1"), hdrs
+                )
+                matched = plan.table.match(view, res.port.port)
+                if matched is None:
+                    return Reply(
+                        404, f"no route of {svc.key} matches", Flag.NO_ROUTE, grpc_status=12
+                    )
+                rp = plan.routes[id(matched)]
+                if not plan.needs_headers:
+                    if len(plan.matched) >= MATCH_MEMO:
+                        plan.matched.clear()
+                    plan.matched[(method, target)] = rp
         if not rp.cumulative or rp.cumulative[-1] == 0:
             return Reply(500, f"route {rp.name} has no backend", Flag.NO_ROUTE, grpc_status=13)
         i = 0

@@ -798,10 +798,14 @@ class _Conn:
             if type(target) is Reply:
                 return await self._reply(req, target)
             assert isinstance(target, Address)
-            attempt = head + [b"%s: %s\r\n" % h for h in call.deadline_headers(now)]
-            attempt.append(_CRLF)
-            attempt += body
-            timeout = call.try_timeout(now)
+            timeout = None
+            if call.deadline.at is None and call.per_try is None:
+                attempt = [*head, _CRLF, *body]
+            else:
+                attempt = head + [b"%s: %s\r\n" % h for h in call.deadline_headers(now)]
+                attempt.append(_CRLF)
+                attempt += body
+                timeout = call.try_timeout(now)
             failure: Failure | None = None
             error: UpstreamError | None = None
             try:

@@ -77,6 +77,7 @@ class ServiceState:
         "breaker",
         "budget",
         "budget_settings",
+        "clear_after",
         "endpoints",
         "lb_kind",
         "next_sweep",
@@ -91,6 +92,9 @@ class ServiceState:
         self.budget_settings = BudgetSettings()
         self.budget = RetryBudget()
         self.next_sweep = 0.0
+        # No endpoint can be ejected from this time on (until the next ejection):
+        # until then `healthy` must ask the detector, after it, it need not.
+        self.clear_after = 0.0
         self.endpoints: frozenset[str] = frozenset()
 
     def reconfigure(
@@ -139,14 +143,24 @@ class ServiceState:
             if self.outlier is not None:
                 self.outlier.forget(keep)
 
+    def ejected(self, now: float) -> None:
+        """The detector just ejected an endpoint (at `now`)."""
+        p = self.outlier.policy if self.outlier is not None else None
+        if p is not None:
+            longest = max(p.max_ejection_time, p.base_ejection_time)
+            self.clear_after = max(self.clear_after, now + longest)
+
     def healthy(self, endpoints: list[str], now: float) -> tuple[list[str], bool]:
         """Endpoints not ejected (all of them in panic mode) and whether we panic."""
         od = self.outlier
         if od is None:
             return endpoints, False
-        if now >= self.next_sweep:
+        if od.policy.success_rate_enabled and now >= self.next_sweep:
             self.next_sweep = now + od.policy.interval
-            od.sweep(endpoints, now)
+            if od.sweep(endpoints, now):
+                self.ejected(now)
+        if now >= self.clear_after:
+            return endpoints, False  # nothing is ejected: the common case, cheaply
         live, panic = od.healthy(endpoints, now)
         return list(live), panic
 
