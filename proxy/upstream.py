@@ -59,6 +59,7 @@ def plan(
     mesh_mode: str,
     material: TLSMaterial | None,
     inner: str,
+    own_ips: frozenset[str] = frozenset(),
 ) -> Plan:
     """TLS or plaintext to `address` for `inner` ("http/1.1", "h2" or "tcp").
     Pure: no sockets, no logging."""
@@ -70,6 +71,10 @@ def plan(
         return Plaintext("not an IP destination")
     if not isinstance(hit, ToEndpoint) or not hit.endpoint.meshed:
         return Plaintext("destination has no sidecar")
+    if hit.endpoint.ip in own_ips:
+        # Our own Pod: the init rules let the proxy's traffic reach the app
+        # directly (it never passes our inbound side), so TLS would meet the app.
+        return Plaintext("own Pod")
     if mesh_mode == DISABLE:
         return Plaintext("mTLS disabled mesh-wide")
     if material is None:
@@ -81,7 +86,14 @@ def plan_for(ctx: ProxyContext | None, address: Address, inner: str) -> Plan:
     security: MeshSecurity | None = security_for(ctx)
     if security is None:
         return Plaintext("no mesh security")
-    return plan(address, security.registry, security.outbound_mode(), security.material, inner)
+    return plan(
+        address,
+        security.registry,
+        security.outbound_mode(),
+        security.material,
+        inner,
+        security.own_ips,
+    )
 
 
 def _nodelay(transport: asyncio.BaseTransport) -> None:

@@ -91,8 +91,12 @@ def compile_policies(policies: tuple[pc.AuthorizationPolicy, ...]) -> tuple[auth
 
 
 class MeshSecurity:
-    def __init__(self, enrollment: Enrollment | None = None) -> None:
+    def __init__(
+        self, enrollment: Enrollment | None = None, own_ips: frozenset[str] = frozenset()
+    ) -> None:
         self.enrollment = enrollment
+        # The Pod's own addresses (POD_IP/POD_IPS): calls to them stay plaintext.
+        self.own_ips = own_ips
         self.snapshot: SnapshotLike | None = None
         self.policies: tuple[authz.Policy, ...] = ()
         # For tests and tools without an enrollment: material set directly.
@@ -105,7 +109,11 @@ class MeshSecurity:
         if controller:
             env = {**env, "SYNCHRO_CONTROLLER": controller}
         settings = EnrollSettings.from_env(env)
-        return cls(Enrollment(settings)) if settings is not None else None
+        if settings is None:
+            return None
+        ips = {env.get("POD_IP", "").strip()}
+        ips.update(ip.strip() for ip in env.get("POD_IPS", "").split(","))
+        return cls(Enrollment(settings), frozenset(ip for ip in ips if ip))
 
     def start(self) -> None:
         if self.enrollment is not None:

@@ -189,6 +189,11 @@ def test_outbound_plan(material: TLSMaterial) -> None:
     ):
         p = upstream.plan(address, registry, mode, mat, "http/1.1")
         assert isinstance(p, upstream.Plaintext) and why in p.reason, (why, p)
+    # A Pod calling itself: its proxy's traffic bypasses its own inbound side.
+    p = upstream.plan(
+        to_pod, _registry(True), "PERMISSIVE", material, "tcp", frozenset({"10.1.0.7"})
+    )
+    assert isinstance(p, upstream.Plaintext) and p.reason == "own Pod"
 
 
 def test_each_inner_protocol_has_its_own_client_context(material: TLSMaterial) -> None:
