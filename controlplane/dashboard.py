@@ -200,7 +200,9 @@ def build_view(args: argparse.Namespace, controller: Controller | None) -> Golde
     interval = args.scrape_interval
     window = args.metrics_window or max(10.0, interval * 2)
     return GoldenView(
-        ProxyScraper(targets, interval=interval, window=window, timeout=min(interval, 5.0)),
+        ProxyScraper(
+            targets, interval=interval, window=window, timeout=min(max(interval, 2.0), 5.0)
+        ),
         controller,
     )
 

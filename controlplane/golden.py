@@ -97,10 +97,18 @@ def success(response_code: str, grpc_status: str) -> bool:
 
 
 def _key(labels: Mapping[str, str]) -> Key:
+    namespace, workload = labels.get("source_namespace", ""), labels.get("source_workload", "")
+    if not _known(workload):
+        # A caller with a mesh identity has a proxy that reported the request
+        # itself; its ServiceAccount stands in for the workload it did not name.
+        _, _, path = labels.get("source_principal", "").partition("://")
+        parts = path.split("/")
+        if len(parts) == 5 and parts[1] == "ns" and parts[3] == "sa":
+            namespace, workload = namespace or parts[2], parts[4]
     return Key(
         labels.get("reporter", ""),
-        labels.get("source_namespace", ""),
-        labels.get("source_workload", ""),
+        namespace,
+        workload,
         labels.get("destination_namespace", ""),
         labels.get("destination_service", ""),
         labels.get("destination_workload", ""),
@@ -418,10 +426,15 @@ def _split(service: str) -> tuple[str, str]:
     return (ns, name) if sep else ("", service)
 
 
-def _destination(k: Key, service: str) -> Node:
+def _destination(k: Key, service: str, only: Mapping[str, tuple[str, str]]) -> Node:
+    """The workload called when known (or the only one behind the service),
+    else the service: a canary's caller sees one service, not which version."""
     if _known(k.destination_workload):
         ns = k.destination_namespace or _split(service)[0]
         return Node(f"{ns}/{k.destination_workload}", "workload", ns, k.destination_workload)
+    if service in only:
+        ns, wl = only[service]
+        return Node(f"{ns}/{wl}", "workload", ns, wl)
     if service:
         ns, name = _split(service)
         return Node(f"svc:{service}", "service", ns, name)
@@ -457,6 +470,11 @@ def compute(
     for (k, _ok), v in requests.items():
         totals[k] += v
     flows = _flows(sorted(present), totals, services_of or {})
+    behind: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    for workload, names in (services_of or {}).items():
+        for name in names:
+            behind[name].add(workload)
+    only = {name: next(iter(w)) for name, w in behind.items() if len(w) == 1}
 
     edges: dict[tuple[str, str, str], _Acc] = defaultdict(_Acc)
     services: dict[tuple[str, str], _Acc] = defaultdict(_Acc)
@@ -464,7 +482,7 @@ def compute(
     for ns, wl in workloads:
         nodes[f"{ns}/{wl}"] = Node(f"{ns}/{wl}", "workload", ns, wl)
     for f in flows:
-        src, dst = _source(f.key), _destination(f.key, f.service)
+        src, dst = _source(f.key), _destination(f.key, f.service, only)
         if f.weight <= 0 and f.key.reporter != "source":
             continue
         nodes.setdefault(src.id, src)

@@ -246,7 +246,14 @@ class ProxyScraper:
         oldest = older[0] if older else self.history[-2]
         if newest.time - oldest.time > 3 * self.window_seconds:
             return None
-        return oldest, newest
+        # A proxy that joined (or first answered) within the window counts from
+        # its first scrape in it rather than not at all: its rate is low for one
+        # window, never inflated.
+        samples = dict(oldest.samples)
+        for s in older[1:]:
+            for target, sample in s.samples.items():
+                samples.setdefault(target, sample)
+        return golden.Scrape(oldest.time, samples, oldest.errors), newest
 
     def statuses(self) -> Mapping[str, TargetStatus]:
         return self.status

@@ -208,7 +208,8 @@ def test_destination_series_count_only_what_no_caller_reported() -> None:
     # The caller's 100 successes, plus the unidentified share's 100/120 of 20.
     assert svc["success_rate"] == pytest.approx((100 + 20 * 100 / 120) / 120, abs=1e-4)
     edges = by_edge(g)
-    assert edges[("shop/web", "svc:shop/api")]["requests"] == 100
+    # The only workload behind shop/api: the caller's edge ends at it.
+    assert edges[("shop/web", "shop/api")]["requests"] == 100
     unknown = edges[("unknown", "shop/api")]
     # 20 of the destination's 120 unidentified requests count, with their
     # bucket shares: 100 fast successes and 20 slow failures, scaled by 1/6.
@@ -279,3 +280,38 @@ def test_scrapes_out_of_order_are_an_error() -> None:
     s = Scrape(5.0, {})
     with pytest.raises(GoldenError):
         compute(s, s)
+
+
+def test_a_service_with_several_workloads_stays_one_node_for_its_callers() -> None:
+    web, v1, v2 = FakeProxy("shop", "web"), FakeProxy("shop", "api-v1"), FakeProxy("shop", "api-v2")
+    old = scrape(0.0, web=web, v1=v1, v2=v2)
+    web.outbound("shop/api", 10, duration=0.004)
+    v1.inbound(9, duration=0.003)
+    v2.inbound(1, duration=0.003)
+    mapping = {("shop", "api-v1"): ["shop/api"], ("shop", "api-v2"): ["shop/api"]}
+    g = compute(old, scrape(1.0, web=web, v1=v1, v2=v2), services_of=mapping)
+    assert set(by_edge(g)) == {("shop/web", "svc:shop/api")}
+    assert by_service(g)["shop/api"]["requests"] == 10
+
+
+def test_a_caller_known_by_its_mesh_identity_is_not_counted_twice() -> None:
+    web, api = FakeProxy("shop", "web"), FakeProxy("shop", "api")
+    old = scrape(0.0, web=web, api=api)
+    web.outbound("shop/api", 20, duration=0.004)
+    for _ in range(20):  # the inbound side knows only the caller's certificate
+        rec = RequestRecord("destination", "http", 0.0)
+        rec.destination_workload, rec.destination_namespace = "api", "shop"
+        rec.source_principal = "spiffe://cluster.local/ns/shop/sa/web"
+        rec.status, rec.duration = 200, 0.003
+        api.metrics.observe_request(rec)
+    g = compute(old, scrape(1.0, web=web, api=api))
+    assert set(by_edge(g)) == {("shop/web", "svc:shop/api")}
+    assert by_service(g)["shop/api"]["requests"] == 20
+
+
+def test_certificate_expiry_and_config_version_are_read() -> None:
+    web = FakeProxy("shop", "web")
+    web.metrics.cert_expiry.set(1_900_000_000)
+    web.metrics.config_info.labels("abc123").set(1)
+    sample = web.sample()
+    assert (sample.certificate_expiry, sample.config_version) == (1_900_000_000, "abc123")
