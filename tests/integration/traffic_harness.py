@@ -86,14 +86,16 @@ class Upstream:
     response carries `x-upstream: <name>`. `hits` counts requests by upstream,
     `seen` keeps the last 1000 requests."""
 
-    def __init__(self, name: str = "up", behaviour: Behaviour | None = None) -> None:
+    def __init__(
+        self, name: str = "up", behaviour: Behaviour | None = None, host: str = "127.0.0.1"
+    ) -> None:
         self.name = name
         self.behaviour = behaviour or Behaviour()
         self.hits = 0
         self.seen: list[Seen] = []
         self.lock = threading.Lock()
         self._rng = random.Random(self.behaviour.seed)
-        self.server = BackgroundServer(self._handle)
+        self.server = BackgroundServer(self._handle, host=host)
 
     @property
     def port(self) -> int:
