@@ -535,6 +535,9 @@ class Supervisor:
             str(self.options.directory),
             "--api-listen",
             f"{self.gateway}:{API_PORT}",
+            # The dashboard, and /v1/golden/* on the API for `synchro top`.
+            "--metrics-listen",
+            f"{self.gateway}:{ports.CONTROLLER_METRICS_PORT}",
         ]
         log_path = self.paths.controller_log
         log_path.parent.mkdir(parents=True, exist_ok=True)
