@@ -44,6 +44,7 @@ from tests.integration.proxy_harness import (
     RunningProxy,
     free_port,
     proxy_command,
+    run_proxy,
     wait_ready,
 )
 
@@ -475,3 +476,57 @@ def test_dashboard_top_and_chromium_against_a_live_mesh(tmp_path: Path) -> None:
         assert dom.nodes >= {f"{NS}/frontend", f"{NS}/catalog", "unknown"}
         text = " ".join(dom.texts)
         assert "catalog-1.shop" in text and "frontend-1.shop" in text and "SYNCED" in text
+
+
+def test_golden_metrics_from_a_real_prometheus(tmp_path: Path) -> None:
+    """`--prometheus-url`: the same figures from PromQL over a Prometheus that
+    scrapes the proxy (Debian's `prometheus`, 1 s scrape interval)."""
+    from tests.integration.test_prometheus_scrape import PROMETHEUS, prometheus, query
+
+    if PROMETHEUS is None:
+        pytest.skip("the prometheus binary is missing (apt-get install prometheus)")
+    window = 6.0
+    env = {"POD_NAME": "web-1", "POD_NAMESPACE": NS}
+    with ExitStack() as stack:
+        app = stack.enter_context(BackgroundServer(app_handler))
+        proxy = stack.enter_context(run_proxy(static_destination=app.address, env=env))
+        prom = stack.enter_context(prometheus(f"{LOOPBACK}:{proxy.status[1]}"))
+        port = free_port()
+        log_path = tmp_path / "controller.log"
+        with log_path.open("wb") as out:
+            ctl = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "controlplane.main", "--no-webhook"),
+                    *("--metrics-listen", f"{LOOPBACK}:{port}", "--prometheus-url", prom),
+                    *("--metrics-window", str(window)),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        stack.callback(lambda: (ctl.terminate(), ctl.wait(10)))
+
+        def dash(path: str) -> Any:
+            with urllib.request.urlopen(f"http://{LOOPBACK}:{port}{path}", timeout=10) as r:
+                return json.loads(r.read())
+
+        conn = http.client.HTTPConnection(*proxy.outbound, timeout=10)
+        assert get(proxy.outbound, "/warm-up", conn) == 200  # the series exist before the window
+        eventually(lambda: query(prom, "synchro_requests_total"), 40, "Prometheus scraped")
+        time.sleep(window + 1.5)
+        statuses = [get(proxy.outbound, "/fail" if i < 5 else "/ok", conn) for i in range(20)]
+        conn.close()
+        assert statuses.count(503) == 5
+
+        def counted() -> dict[str, Any] | None:
+            edges = dash("/api/graph")["edges"]
+            edge = find(edges, source=f"{NS}/web")
+            return edge if edge and edge["requests"] == 20 else None
+
+        try:
+            edge = eventually(counted, 30, "the 20 requests through Prometheus")
+        except AssertionError:
+            print(log_path.read_text(errors="replace")[-3000:])
+            raise
+        assert edge["success_rate"] == 0.75
+        assert edge["rps"] == pytest.approx(20 / window, rel=0.01)
