@@ -504,7 +504,8 @@ def test_golden_metrics_from_a_real_prometheus(tmp_path: Path) -> None:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        stack.callback(lambda: (ctl.terminate(), ctl.wait(10)))
+        stack.callback(ctl.wait, 10)
+        stack.callback(ctl.terminate)
 
         def dash(path: str) -> Any:
             with urllib.request.urlopen(f"http://{LOOPBACK}:{port}{path}", timeout=10) as r:
