@@ -303,6 +303,21 @@ def synchro_launcher(
     return launch
 
 
+def _security_launcher(name: str) -> Launcher:
+    """A launcher from bench/security.py (mTLS paths), imported when used."""
+
+    def launch(ctx: Ctx, protocol: str, upstream: HostPort) -> Hop:
+        from bench import security
+
+        try:
+            hop: Hop = getattr(security, name)(ctx, protocol, upstream)
+        except BenchError as exc:
+            raise Skip(summary_line(str(exc))) from exc
+        return hop
+
+    return launch
+
+
 @dataclass(frozen=True)
 class PathSpec:
     name: str
@@ -325,6 +340,17 @@ PATHS: tuple[PathSpec, ...] = (
         "synchro-proxy, route match + EWMA + retry policy + outlier detector",
         synchro_launcher(features=True),
         cpu_baseline="synchro",
+    ),
+    PathSpec(
+        "haproxy-tls",
+        "two HAProxies (nbthread 1) with mutual TLS between them",
+        _security_launcher("launch_haproxy_tls"),
+    ),
+    PathSpec(
+        "synchro-mtls",
+        "two synchro-proxy sidecars with mTLS between them (certificates from the controller)",
+        _security_launcher("launch_synchro_mtls"),
+        cpu_baseline="haproxy-tls",
     ),
 )
 
