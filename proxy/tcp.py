@@ -115,8 +115,14 @@ class _Relay:
                     stats.bytes_to_downstream += len(data)
                 await writer.drain()
             # Half-close: pass the FIN on and keep the other direction open.
-            if not writer.is_closing() and writer.can_write_eof():
-                writer.write_eof()
+            if not writer.is_closing():
+                if writer.can_write_eof():
+                    writer.write_eof()
+                elif not from_downstream:
+                    # TLS (mTLS between sidecars) cannot carry a half-close: once
+                    # the server side is done, close the connection so the
+                    # client sees the end instead of waiting for the idle timeout.
+                    writer.close()
         except (ConnectionError, OSError, RuntimeError) as exc:
             # A reset on one side becomes a reset on the other. (uvloop raises
             # RuntimeError for a write to a transport that is already closed.)

@@ -291,6 +291,34 @@ def test_http2_between_sidecars_is_mtls_too(mesh: Mesh) -> None:
     assert out.stdout.startswith(b"HTTP/2 403"), out
 
 
+def _raw_exchange(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except ConnectionResetError:
+            pass
+        return out
+
+
+def test_opaque_tcp_between_sidecars_is_mtls_and_authorized_per_connection(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "proxy.security.inbound")
+    front = mesh.proxies["frontend"]
+    # Not HTTP: the sidecars carry it as opaque TCP (ALPN synchro-tcp); the
+    # app behind the PERMISSIVE workload answers its parser's 400 page and closes.
+    answer = _raw_exchange(front.outbound_port("open"), b"\x00\x01 not http\r\n\r\n")
+    assert b"400 - Bad request" in answer, answer
+    # Namespace secure only allows GET from frontend: an L7 rule never matches
+    # plain TCP, so the connection is closed without reaching the app.
+    assert _raw_exchange(front.outbound_port("secure"), b"\x00\x01 not http\r\n\r\n") == b""
+    _wait_log(caplog, f"denied TCP connection from {FRONTEND}")
+
+
 def test_strict_refuses_plaintext_curl(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "proxy.security.inbound")
     out = curl(f"http://127.0.0.1:{mesh.proxies['secure'].inbound_port}/")
