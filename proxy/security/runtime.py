@@ -21,7 +21,7 @@ from proxy import config as pc
 from proxy.conn import ProxyContext
 from proxy.registry import Registry
 from proxy.security import authz
-from proxy.security.enroll import Enrollment, EnrollSettings, TLSMaterial
+from proxy.security.enroll import ENV_TOKEN_FILE, Enrollment, EnrollSettings, TLSMaterial
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,13 @@ class MeshSecurity:
             env = {**env, "SYNCHRO_CONTROLLER": controller}
         settings = EnrollSettings.from_env(env)
         if settings is None:
+            return None
+        if not env.get(ENV_TOKEN_FILE, "").strip() and not settings.token_file.exists():
+            # The webhook always mounts a token and names it; a proxy started
+            # by hand without one runs without an identity, as before.
+            log.info(
+                "no ServiceAccount token at %s: no workload identity, mTLS off", settings.token_file
+            )
             return None
         ips = {env.get("POD_IP", "").strip()}
         ips.update(ip.strip() for ip in env.get("POD_IPS", "").split(","))
