@@ -22,6 +22,4 @@ INIT_CONTAINER_NAME = "synchro-init"
 SERVER_FIRST_PORTS = frozenset({25, 587, 3306, 5432, 6379, 11211})
 
 # Ports the proxy itself listens on; never redirected back into the proxy.
-PROXY_OWN_PORTS = frozenset(
-    {OUTBOUND_CAPTURE_PORT, INBOUND_CAPTURE_PORT, STATUS_PORT, ADMIN_PORT}
-)
+PROXY_OWN_PORTS = frozenset({OUTBOUND_CAPTURE_PORT, INBOUND_CAPTURE_PORT, STATUS_PORT, ADMIN_PORT})

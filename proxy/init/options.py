@@ -100,9 +100,7 @@ class InterceptOptions:
         parser.add_argument("--outbound-port", type=int, default=d.outbound_port)
         parser.add_argument("--inbound-port", type=int, default=d.inbound_port)
         parser.add_argument("--include-inbound-ports", default=ALL)
-        parser.add_argument(
-            "--exclude-inbound-ports", default=_ports_arg(d.exclude_inbound_ports)
-        )
+        parser.add_argument("--exclude-inbound-ports", default=_ports_arg(d.exclude_inbound_ports))
         parser.add_argument("--exclude-outbound-ports", default="")
         parser.add_argument("--include-outbound-ip-ranges", default=ALL)
         parser.add_argument("--exclude-outbound-ip-ranges", default="")
