@@ -89,7 +89,11 @@ async def http_app(scope: Scope, receive: Receive, send: Send) -> None:
         data = pattern(size)
         for start in range(0, size, CHUNK):
             await send(
-                {"type": "http.response.body", "body": data[start : start + CHUNK], "more_body": True}
+                {
+                    "type": "http.response.body",
+                    "body": data[start : start + CHUNK],
+                    "more_body": True,
+                }
             )
         await send({"type": "http.response.body", "body": b""})
         return
