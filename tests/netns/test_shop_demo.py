@@ -1,0 +1,287 @@
+"""The shop demo (examples/shop) through `synchro up`, checked against real traffic.
+
+One mesh for the module, on a copy of examples/shop so the hot-reload test can
+edit its files. Tests run in file order and share the mesh: the checks of the
+90/10 canary come before the test that moves the weights (which puts them back).
+Traffic is driven from inside the Pods (`synchro exec`): examples/load.py for
+bounded load with a JSON summary, examples/pay.py for one gRPC call, and
+watch_split.py for measuring how fast an edit in a file reaches the traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from synchro.local import hosts, mesh, netns
+from tests.netns.test_up import Up, start, synchro
+from tests.netns.watch_split import watch
+
+ROOT = Path(__file__).resolve().parents[2]
+SHOP = ROOT / "examples" / "shop"
+CANARY = "25-catalog-canary.yaml"
+RELOAD_SECONDS = 2.0
+GRPC = ("-X", "POST", "-H", "content-type:application/grpc")
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    reason = netns.unavailable_reason()
+    if reason:
+        pytest.skip(f"network-namespace tests skipped: {reason}")
+    directory = tmp_path_factory.mktemp("shop") / "shop"
+    shutil.copytree(SHOP, directory)
+    name = f"synt-{secrets.token_hex(3)}"
+    proc = start(directory, name)
+    try:
+        if proc.returncode != 0:
+            log = mesh.MeshPaths(name).supervisor_log
+            extra = log.read_text() if log.exists() else ""
+            pytest.fail(f"synchro up failed:\n{proc.stdout}\n{proc.stderr}\n{extra}")
+        yield Up(name, directory, proc.stdout)
+    finally:
+        synchro("down", "--mesh", name)
+
+
+def load(shop: Up, requests: int, url: str = "http://127.0.0.1:8080/checkout") -> dict[str, Any]:
+    proc = synchro(
+        "exec", "shop/frontend-0", "--mesh", shop.name, "--",
+        "python3", "-m", "examples.load", "--url", url,
+        "--requests", str(requests), "--concurrency", "8",
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary: dict[str, Any] = json.loads(proc.stdout)
+    return summary
+
+
+def pay(shop: Up, pod: str) -> dict[str, Any]:
+    proc = shop.exec(pod, "python3", "-m", "examples.pay")
+    assert proc.stdout.strip(), proc.stderr
+    answer: dict[str, Any] = json.loads(proc.stdout)
+    return answer
+
+
+def samples(shop: Up, pod: str, metric: str) -> list[tuple[dict[str, str], float]]:
+    text = shop.curl(pod, "http://127.0.0.1:15020/metrics")
+    return [
+        (dict(s.labels), s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == metric
+    ]
+
+
+def explain(shop: Up, source: str, destination: str, *extra: str) -> dict[str, Any]:
+    proc = synchro("explain", source, destination, *extra, "--mesh", shop.name, "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    answer: dict[str, Any] = json.loads(proc.stdout)
+    return answer
+
+
+def set_canary(shop: Up, v1: int, v2: int) -> float:
+    path = shop.directory / CANARY
+    text = path.read_text()
+    head, _, _ = text.partition("  rules:")
+    path.write_text(
+        head + "  rules:\n    - backendRefs:\n"
+        f"        - {{name: catalog-v1, port: 80, weight: {v1}}}\n"
+        f"        - {{name: catalog-v2, port: 80, weight: {v2}}}\n"
+    )
+    return time.time()
+
+
+# --- (1) the demo's services answer through the mesh ------------------------------------
+
+
+def test_frontend_checkout_answers_through_the_mesh(shop: Up) -> None:
+    pods = {p["ref"]: p for p in shop.status()["pods"]}
+    assert all(p["phase"] == "Ready" and p["meshed"] for p in pods.values()), pods
+    body = json.loads(shop.curl("shop/frontend-0", "http://127.0.0.1:8080/checkout"))
+    assert body["catalog"]["status"] == 200 and body["catalog"]["version"] in ("v1", "v2")
+    assert body["ratings"]["status"] == 200
+    assert body["payments"]["status"] == "OK"
+
+
+def test_canary_split_ratings_success_and_payments_under_load(shop: Up) -> None:
+    summary = load(shop, 600)
+    assert summary["frontend_errors"] == 0, summary
+    versions = summary["catalog_versions"]
+    assert set(versions) <= {"v1", "v2"}, summary
+    total = sum(versions.values())
+    v2 = 100.0 * versions.get("v2", 0) / total
+    assert abs(v2 - 10.0) <= 5.0, f"catalog split {versions} is not ~90/10"
+    ratings = summary["ratings_status"]
+    ok = ratings.get("200", 0)
+    assert ok / sum(ratings.values()) >= 0.99, f"ratings seen by frontend: {ratings}"
+    assert summary["payments_status"] == {"OK": 600}, summary
+    # The flaky replica did fail underneath: the success is the mesh's doing.
+    flaky = samples(shop, "shop/ratings-flaky-0", "synchro_requests_total")
+    assert any(
+        labels["reporter"] == "destination" and labels["response_code"].startswith("5") and n > 0
+        for labels, n in flaky
+    ), flaky
+
+
+def test_payments_allows_frontend_and_denies_catalog(shop: Up) -> None:
+    assert pay(shop, "shop/frontend-0")["status"] == "OK"
+    denied = pay(shop, "shop/catalog-v1-0")
+    assert denied["status"] == "PERMISSION_DENIED", denied
+
+
+def test_payments_proxy_reports_mutual_tls_from_frontend(shop: Up) -> None:
+    assert pay(shop, "shop/frontend-0")["status"] == "OK"
+    seen = [
+        (labels, n)
+        for labels, n in samples(shop, "shop/payments-0", "synchro_requests_total")
+        if labels["reporter"] == "destination" and labels["grpc_status"] == "0"
+    ]
+    assert seen, "payments' proxy recorded no successful gRPC request"
+    from_frontend = [
+        labels
+        for labels, _ in seen
+        if labels["source_principal"] == "spiffe://cluster.local/ns/shop/sa/frontend"
+    ]
+    assert from_frontend, f"no request from frontend's identity: {[lb for lb, _ in seen]}"
+    assert {lb["connection_security_policy"] for lb in from_frontend} == {"mutual_tls"}
+
+
+# --- (3) explain agrees with traffic ------------------------------------------------------
+
+
+def test_explain_canary_weights_match_the_split(shop: Up) -> None:
+    answer = explain(shop, "shop/frontend-0", "catalog.shop")
+    assert answer["outcome"] == "forwarded"
+    assert answer["route"] and answer["route"].startswith("shop/catalog-canary")
+    shares = {b["service"]: b["percent"] for b in answer["backends"]}
+    assert shares == {"shop/catalog-v1": 90.0, "shop/catalog-v2": 10.0}
+    versions = load(shop, 600, "http://127.0.0.1:8080/")["catalog_versions"]
+    measured = 100.0 * versions.get("v2", 0) / sum(versions.values())
+    assert abs(measured - shares["shop/catalog-v2"]) <= 5.0, versions
+
+
+def test_explain_denies_catalog_to_payments_as_traffic_does(shop: Up) -> None:
+    answer = explain(
+        shop, "shop/catalog-v1-0", "payments.shop:50051", "/shop.Payments/Charge", *GRPC
+    )
+    assert answer["outcome"] == "denied", answer["verdict"]
+    assert [b["authorization"]["decision"] for b in answer["backends"]] == ["DENY"]
+    assert pay(shop, "shop/catalog-v1-0")["status"] == "PERMISSION_DENIED"
+    allowed = explain(
+        shop, "shop/frontend-0", "payments.shop:50051", "/shop.Payments/Charge", *GRPC
+    )
+    assert allowed["outcome"] == "forwarded"
+    assert [b["authorization"]["decision"] for b in allowed["backends"]] == ["ALLOW"]
+    assert pay(shop, "shop/frontend-0")["status"] == "OK"
+
+
+def test_explain_retry_policy_and_retries_in_traffic(shop: Up) -> None:
+    answer = explain(shop, "shop/frontend-0", "ratings.shop")
+    retry = answer["retry"]
+    assert retry["source"] == "TrafficPolicy shop/ratings"
+    # TrafficPolicy `attempts: 3` are retries: four tries in all.
+    assert retry["attempts"] == 4
+    assert "5xx" in retry["retry_on"] and retry["per_try_timeout"] == 0.5
+
+    def retried() -> dict[str, float]:
+        return {
+            labels["reason"]: n
+            for labels, n in samples(shop, "shop/frontend-0", "synchro_retries_total")
+            if labels["destination_service"] == "shop/ratings"
+        }
+
+    before = retried()
+    summary = load(shop, 200, "http://127.0.0.1:8080/")
+    assert summary["ratings_status"].get("200", 0) >= 198, summary
+    after = retried()
+    grew = {r: n - before.get(r, 0.0) for r, n in after.items() if n > before.get(r, 0.0)}
+    assert grew, f"no ratings retries in frontend's proxy: {before} -> {after}"
+    # Every retry reason is one explain listed (the flaky replica answers 500).
+    assert all(r.startswith("5") or r in retry["retry_on"] for r in grew), grew
+
+
+# --- (2) hot reload ---------------------------------------------------------------------
+
+
+def test_a_canary_weight_edit_shifts_the_split_within_two_seconds(shop: Up) -> None:
+    exec_argv = ["synchro", "exec", "shop/frontend-0", "--mesh", shop.name, "--"]
+    try:
+        w = watch(
+            exec_argv, "http://catalog.shop/", lambda: set_canary(shop, 0, 100),
+            key="version", want="v2", until="only", stable=30, seconds=15,
+        )  # fmt: skip
+        assert w.done, f"the split never became 0/100: last answers {w.values()[-40:]}"
+        elapsed = w.switched_at() - w.changed_at
+        assert elapsed <= RELOAD_SECONDS, f"the new split showed after {elapsed:.2f} s"
+        answer = explain(shop, "shop/frontend-0", "catalog.shop")
+        assert {b["service"]: b["percent"] for b in answer["backends"]} == {
+            "shop/catalog-v1": 0.0,
+            "shop/catalog-v2": 100.0,
+        }
+    finally:
+        w = watch(
+            exec_argv, "http://catalog.shop/", lambda: set_canary(shop, 90, 10),
+            key="version", want="v1", until="only", stable=10, seconds=15,
+        )  # fmt: skip
+        assert w.done, "the 90/10 split did not come back"
+
+
+# --- (4) down leaves nothing ----------------------------------------------------------------
+
+
+def _pids_in(namespaces: list[str]) -> list[tuple[int, int | None]]:
+    out: list[tuple[int, int | None]] = []
+    for ns in namespaces:
+        proc = subprocess.run(
+            ["ip", "netns", "pids", ns], capture_output=True, text=True, check=False
+        )
+        for word in proc.stdout.split():
+            pid = int(word)
+            out.append((pid, mesh.proc_start_time(pid)))
+    return out
+
+
+def _mentions(name: str) -> list[int]:
+    """Processes whose command line names the mesh's state directory or the mesh."""
+    marks = (f"/run/synchro/{name}/", f"--name\0{name}\0")
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if any(m in cmdline for m in marks):
+            found.append(int(entry.name))
+    return found
+
+
+def test_down_leaves_no_namespace_directory_or_process(shop: Up) -> None:
+    info = mesh.read_info(shop.paths)
+    prefix = info["prefix"]
+    namespaces = [n for n in netns.list_netns() if n.startswith(prefix + "-")]
+    assert len(namespaces) >= 9  # node + 8 Pods
+    pids = _pids_in(namespaces)
+    pids.append((info["supervisor"]["pid"], info["supervisor"]["start"]))
+    pids.append((info["controller"]["pid"], info["controller"]["start"]))
+    assert _mentions(shop.name)  # the check sees a running mesh
+    proc = synchro("down", "--mesh", shop.name)
+    assert proc.returncode == 0, proc.stderr
+    ip = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    assert prefix not in ip.stdout
+    assert hosts.existing(prefix) == []
+    assert not list(Path("/etc/netns").glob(f"{prefix}*"))
+    assert not (mesh.RUN_ROOT / shop.name).exists()
+    assert [pid for pid, start_time in pids if mesh.pid_alive(pid, start_time)] == []
+    assert _mentions(shop.name) == []
