@@ -153,6 +153,7 @@ class Exchange:
             http_version="2",
             peer=ds.peer,
         )
+        down.telemetry.note_peer(self.rec, ds.peer_identity)
         if trace:
             self.request = replace_trace_headers(self.request, trace)
         self.headers = self.request  # of the current attempt

@@ -177,6 +177,7 @@ async def serve(downstream: Downstream, ctx: ProxyContext) -> None:
         peer=downstream.peer,
         upstream_host=downstream.upstream,
         destination_service=call.service if isinstance(call, Call) else "",
+        peer_identity=downstream.peer_identity,
     )
     try:
         if call is None:

@@ -364,6 +364,18 @@ class Telemetry:
             return rec, []
         return rec, self._read_headers(rec, headers)
 
+    @staticmethod
+    def note_peer(rec: RequestRecord, peer_identity: str | None) -> None:
+        """On the inbound side, record who called over mTLS (the verified SPIFFE
+        ID) and that the connection was mutual TLS; plaintext callers stay unknown."""
+        if rec.reporter != "destination" or not peer_identity:
+            return
+        rec.source_principal = peer_identity
+        rec.security_policy = "mutual_tls"
+        parts = peer_identity.split("/")
+        if "ns" in parts and parts.index("ns") + 1 < len(parts):
+            rec.source_namespace = parts[parts.index("ns") + 1]
+
     def _record(self, direction: Direction | str, protocol: str, service: str) -> RequestRecord:
         if isinstance(direction, Direction):
             outbound = direction is Direction.OUTBOUND
@@ -464,10 +476,12 @@ class Telemetry:
         peer: Address | str | None = None,
         upstream_host: Address | str | None = None,
         destination_service: str = "",
+        peer_identity: str | None = None,
     ) -> RequestRecord:
-        """A record for an opaque TCP connection; counts it opened. Set peer
-        identities before calling (they label both the opened and closed counts)."""
+        """A record for an opaque TCP connection; counts it opened. The peer's
+        mTLS identity labels both the opened and the closed counts."""
         rec = self._record(direction, "tcp", destination_service)
+        self.note_peer(rec, peer_identity)
         if peer is not None:
             rec.peer_address = str(peer)
         if upstream_host is not None:

@@ -479,3 +479,27 @@ def test_lag_window() -> None:
     for scheduled, woke in ((1.0, 1.5), (2.0, 2.01), (3.0, 2.9), (4.0, 4.02)):
         w.observe(scheduled, woke)
     assert w.last == pytest.approx(0.02) and w.worst == pytest.approx(0.02)
+
+
+def test_inbound_record_names_the_mtls_caller_in_metrics() -> None:
+    from prometheus_client import generate_latest
+
+    from proxy.conn import Direction
+
+    t = Telemetry(TelemetrySettings(workload="payments", namespace="shop"))
+    caller = "spiffe://cluster.local/ns/shop/sa/frontend"
+    rec, _ = t.begin(Direction.INBOUND, "http", [], method="POST", path="/x")
+    t.note_peer(rec, caller)
+    rec.status = 200
+    t.end(rec)
+    plain, _ = t.begin(Direction.INBOUND, "http", [], method="GET", path="/")
+    t.note_peer(plain, None)
+    plain.status = 200
+    t.end(plain)
+    tcp = t.tcp_open(Direction.INBOUND, peer_identity=caller)
+    t.tcp_close(tcp)
+    text = generate_latest(t.registry).decode()
+    assert f'source_principal="{caller}"' in text
+    assert 'connection_security_policy="mutual_tls"' in text and 'source_namespace="shop"' in text
+    assert 'connection_security_policy="none"' in text  # the plaintext caller
+    assert "synchro_tcp_connections_opened_total{" in text
