@@ -76,7 +76,9 @@ def summarise(samples: list[tuple[str, dict[str, str], float]]) -> None:
         else:
             seen_by_pod[pod][0] += ok
             seen_by_pod[pod][1] += value
-            edge = (labels.get("source_workload") or "unknown", pod.split("/")[-1])
+            principal = labels.get("source_principal", "")
+            caller = labels.get("source_workload") or principal.rsplit("/sa/", 1)[-1] or "unknown"
+            edge = (caller, pod.split("/")[-1])
             edges[edge].add(labels.get("connection_security_policy", "none"))
     print("\nSuccess as callers see it (after the mesh's retries) and as each Pod answered:")
     print(f"  {'service':38} {'requests':>8} {'success':>8}")
