@@ -125,7 +125,10 @@ class PeakEwma(_InFlight):
     Each endpoint's latency estimate jumps up to any slower observation at once
     ("peak") and decays towards faster ones with time constant `decay`; the
     load score is estimate x (in-flight + 1), so a slow or busy endpoint loses
-    the comparison. New endpoints start at `default_rtt` so they get tried.
+    the comparison. An endpoint never measured scores 0 while nothing is in
+    flight to it, so a new replica is probed at once instead of losing every
+    comparison to endpoints faster than `default_rtt`; once a request is in
+    flight it counts `default_rtt` until its first answer is measured.
     """
 
     def __init__(self, *, decay: float = 10.0, default_rtt: float = 0.030) -> None:
@@ -141,7 +144,10 @@ class PeakEwma(_InFlight):
         return self.default_rtt if state is None else state.cost
 
     def score(self, endpoint: str, now: float) -> float:
-        return self.estimate(endpoint, now) * (self.outstanding.get(endpoint, 0) + 1)
+        in_flight = self.outstanding.get(endpoint, 0)
+        if in_flight == 0 and endpoint not in self._ewma:
+            return 0.0
+        return self.estimate(endpoint, now) * (in_flight + 1)
 
     def on_end(self, endpoint: str, now: float, latency: float, ok: bool) -> None:
         super().on_end(endpoint, now, latency, ok)

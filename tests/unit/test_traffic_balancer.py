@@ -113,3 +113,17 @@ def test_make_balancer_rejects_unknown_kind() -> None:
 def test_empty_endpoint_list_gives_none() -> None:
     for kind in ("ewma", "round_robin", "least_request", "random", "ring_hash", "maglev"):
         assert make_balancer(kind).pick([], 0.0, random.Random(0)) is None
+
+
+def test_ewma_new_replica_gets_traffic_beside_a_fast_known_one() -> None:
+    """Sequential requests (nothing in flight): a scaled-up replica must be
+    probed, not lose every comparison to a 1 ms endpoint."""
+    b = PeakEwma(default_rtt=0.03)
+    rng = random.Random(11)
+    now = 0.0
+    for _ in range(20):  # only "old" exists and is fast
+        b.on_start("old", now)
+        now += 0.001
+        b.on_end("old", now, 0.001, True)
+    picks = drive(b, {"old": 0.001, "new1": 0.001, "new2": 0.001}, 300, rng)
+    assert picks["new1"] > 30 and picks["new2"] > 30
