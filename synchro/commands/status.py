@@ -3,8 +3,8 @@
     NAME             WORKLOAD  STATE   VERSION           CONNECTED  LAST NACK
     frontend-1.shop  frontend  SYNCED  5fbe24df15df97ed  yes        -
 
-The controller is `--controller URL` (default `$SYNCHRO_CONTROLLER`), verified
-with `--cacert FILE` (default `$SYNCHRO_CONTROLLER_CA`). `-o json|yaml` prints
+The controller is `--controller URL` (default `$SYNCHRO_CONTROLLER`, verified
+with `--cacert FILE`), else the local mesh's (`synchro up`, root). `-o json|yaml` prints
 the API's rows unchanged.
 """
 
@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import ssl
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
 import yaml
 
 from synchro.commands import CommandError
+from synchro.controller_api import ControllerClient, add_controller_flags, client_from_args
 
 COLUMNS = ("NAME", "WORKLOAD", "STATE", "VERSION", "CONNECTED", "LAST NACK")
 
@@ -51,33 +48,15 @@ def render_table(proxies: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fetch(
-    controller: str, cacert: str | None, insecure: bool, timeout: float = 10.0
-) -> dict[str, Any]:
-    url = controller.rstrip("/")
-    if "://" not in url:
-        url = "https://" + url
-    ctx: ssl.SSLContext | None = None
-    if url.startswith("https://"):
-        ctx = ssl.create_default_context(cafile=cacert) if cacert else ssl.create_default_context()
-        if insecure:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-    try:
-        with urllib.request.urlopen(url + "/v1/proxies", context=ctx, timeout=timeout) as resp:
-            data = json.loads(resp.read())
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise CommandError(f"cannot read proxy status from {url}: {e}") from None
+def fetch(client: ControllerClient) -> dict[str, Any]:
+    data = client.get("/v1/proxies")
     if not isinstance(data, dict) or not isinstance(data.get("proxies"), list):
-        raise CommandError(f"{url}/v1/proxies: unexpected answer")
+        raise CommandError(f"{client.where}/v1/proxies: unexpected answer")
     return data
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    if not args.controller:
-        raise CommandError("no controller: give --controller URL or set SYNCHRO_CONTROLLER")
-    data = fetch(args.controller, args.cacert, args.insecure)
-    proxies = data["proxies"]
+    proxies = fetch(client_from_args(args))["proxies"]
     if args.namespace:
         proxies = [p for p in proxies if p.get("namespace") == args.namespace]
     if args.output == "json":
@@ -96,24 +75,10 @@ def register(subparsers: Any) -> None:
         help="the proxies' config sync state (like istioctl proxy-status)",
         description=__doc__,
         epilog="examples:\n  synchro status --controller https://127.0.0.1:15012 --cacert ca.crt\n"
-        "  synchro status -n shop -o json\n",
+        "  sudo synchro status -n shop -o json      # the local mesh (synchro up)\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--controller",
-        default=os.environ.get("SYNCHRO_CONTROLLER"),
-        metavar="URL",
-        help="controller API, e.g. https://127.0.0.1:15012 (default: $SYNCHRO_CONTROLLER)",
-    )
-    p.add_argument(
-        "--cacert",
-        default=os.environ.get("SYNCHRO_CONTROLLER_CA"),
-        metavar="FILE",
-        help="CA of the controller's certificate (default: $SYNCHRO_CONTROLLER_CA)",
-    )
-    p.add_argument(
-        "--insecure", action="store_true", help="do not verify the controller's certificate"
-    )
+    add_controller_flags(p)
     p.add_argument("-n", "--namespace", help="only proxies in this namespace")
     p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
     p.set_defaults(func=cmd_status)
