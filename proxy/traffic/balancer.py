@@ -12,7 +12,7 @@ import bisect
 import hashlib
 import math
 import random
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -57,44 +57,8 @@ class _InFlight:
             self.outstanding.pop(endpoint, None)
 
 
-class RoundRobin(_InFlight):
-    def __init__(self) -> None:
-        super().__init__()
-        self._next = 0
-
-    def pick(
-        self,
-        endpoints: Sequence[str],
-        now: float,
-        rng: random.Random,
-        *,
-        hash_key: bytes | None = None,
-        avoid: Collection[str] = (),
-    ) -> str | None:
-        cands = _candidates(endpoints, avoid)
-        if not cands:
-            return None
-        choice = cands[self._next % len(cands)]
-        self._next += 1
-        return choice
-
-
-class RandomChoice(_InFlight):
-    def pick(
-        self,
-        endpoints: Sequence[str],
-        now: float,
-        rng: random.Random,
-        *,
-        hash_key: bytes | None = None,
-        avoid: Collection[str] = (),
-    ) -> str | None:
-        cands = _candidates(endpoints, avoid)
-        return rng.choice(cands) if cands else None
-
-
-class LeastRequest(_InFlight):
-    """Power of two choices on in-flight request counts (Envoy's default shape)."""
+class _Chooser(_InFlight):
+    """Balancers that choose among the candidates left after `avoid`."""
 
     def pick(
         self,
@@ -108,9 +72,41 @@ class LeastRequest(_InFlight):
         cands = _candidates(endpoints, avoid)
         if len(cands) <= 1:
             return cands[0] if cands else None
+        return self._choose(cands, now, rng)
+
+    def _choose(self, cands: Sequence[str], now: float, rng: random.Random) -> str:
+        raise NotImplementedError
+
+    def _two_choices(
+        self, cands: Sequence[str], rng: random.Random, score: Callable[[str], float]
+    ) -> str:
+        """Power of two choices: the better-scoring of two distinct random picks."""
         a, b = rng.sample(range(len(cands)), 2)
         ea, eb = cands[a], cands[b]
-        return ea if self.outstanding.get(ea, 0) <= self.outstanding.get(eb, 0) else eb
+        return ea if score(ea) <= score(eb) else eb
+
+
+class RoundRobin(_Chooser):
+    def __init__(self) -> None:
+        super().__init__()
+        self._next = 0
+
+    def _choose(self, cands: Sequence[str], now: float, rng: random.Random) -> str:
+        choice = cands[self._next % len(cands)]
+        self._next += 1
+        return choice
+
+
+class RandomChoice(_Chooser):
+    def _choose(self, cands: Sequence[str], now: float, rng: random.Random) -> str:
+        return rng.choice(cands)
+
+
+class LeastRequest(_Chooser):
+    """Power of two choices on in-flight request counts (Envoy's default shape)."""
+
+    def _choose(self, cands: Sequence[str], now: float, rng: random.Random) -> str:
+        return self._two_choices(cands, rng, lambda e: self.outstanding.get(e, 0))
 
 
 @dataclass(slots=True)
@@ -119,7 +115,7 @@ class _Ewma:
     stamp: float
 
 
-class PeakEwma(_InFlight):
+class PeakEwma(_Chooser):
     """Peak-EWMA with power of two choices, after Finagle and Linkerd.
 
     Each endpoint's latency estimate jumps up to any slower observation at once
@@ -167,49 +163,21 @@ class PeakEwma(_InFlight):
         for key in [k for k in self._ewma if k not in keep]:
             del self._ewma[key]
 
-    def pick(
-        self,
-        endpoints: Sequence[str],
-        now: float,
-        rng: random.Random,
-        *,
-        hash_key: bytes | None = None,
-        avoid: Collection[str] = (),
-    ) -> str | None:
-        cands = _candidates(endpoints, avoid)
-        if len(cands) <= 1:
-            return cands[0] if cands else None
-        a, b = rng.sample(range(len(cands)), 2)
-        ea, eb = cands[a], cands[b]
-        return ea if self.score(ea, now) <= self.score(eb, now) else eb
+    def _choose(self, cands: Sequence[str], now: float, rng: random.Random) -> str:
+        return self._two_choices(cands, rng, lambda e: self.score(e, now))
 
 
 def _hash64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
-class RingHash(_InFlight):
-    """Consistent hashing on a ring of virtual nodes (Ketama style).
+class _Hashing(_InFlight):
+    """Consistent hashing on `hash_key`; without a key, a random candidate. The
+    lookup structure is rebuilt only when the endpoint set changes."""
 
-    The same `hash_key` (a header or cookie value) lands on the same endpoint
-    while the endpoint set is stable; adding or removing one endpoint moves only
-    about 1/n of the keys. The ring is rebuilt only when the endpoint set changes.
-    """
-
-    def __init__(self, *, vnodes: int = 100) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.vnodes = vnodes
         self._members: tuple[str, ...] = ()
-        self._points: list[int] = []
-        self._owners: list[str] = []
-
-    def _rebuild(self, endpoints: Sequence[str]) -> None:
-        ring = sorted(
-            (_hash64(f"{ep}#{i}".encode()), ep) for ep in endpoints for i in range(self.vnodes)
-        )
-        self._members = tuple(endpoints)
-        self._points = [p for p, _ in ring]
-        self._owners = [o for _, o in ring]
 
     def pick(
         self,
@@ -226,7 +194,39 @@ class RingHash(_InFlight):
             return rng.choice(_candidates(endpoints, avoid))
         if tuple(endpoints) != self._members:
             self._rebuild(endpoints)
-        i = bisect.bisect(self._points, _hash64(hash_key)) % len(self._points)
+            self._members = tuple(endpoints)
+        return self._lookup(endpoints, _hash64(hash_key), avoid)
+
+    def _rebuild(self, endpoints: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def _lookup(self, endpoints: Sequence[str], h: int, avoid: Collection[str]) -> str:
+        raise NotImplementedError
+
+
+class RingHash(_Hashing):
+    """Consistent hashing on a ring of virtual nodes (Ketama style).
+
+    The same `hash_key` (a header or cookie value) lands on the same endpoint
+    while the endpoint set is stable; adding or removing one endpoint moves only
+    about 1/n of the keys. The ring is rebuilt only when the endpoint set changes.
+    """
+
+    def __init__(self, *, vnodes: int = 100) -> None:
+        super().__init__()
+        self.vnodes = vnodes
+        self._points: list[int] = []
+        self._owners: list[str] = []
+
+    def _rebuild(self, endpoints: Sequence[str]) -> None:
+        ring = sorted(
+            (_hash64(f"{ep}#{i}".encode()), ep) for ep in endpoints for i in range(self.vnodes)
+        )
+        self._points = [p for p, _ in ring]
+        self._owners = [o for _, o in ring]
+
+    def _lookup(self, endpoints: Sequence[str], h: int, avoid: Collection[str]) -> str:
+        i = bisect.bisect(self._points, h) % len(self._points)
         # Walk the ring past endpoints to avoid, so a retry still lands consistently.
         for step in range(len(self._points)):
             owner = self._owners[(i + step) % len(self._points)]
@@ -235,7 +235,7 @@ class RingHash(_InFlight):
         return self._owners[i]
 
 
-class Maglev(_InFlight):
+class Maglev(_Hashing):
     """Maglev consistent hashing (Eisenbud et al., NSDI 2016): a lookup table of
     prime size filled by each endpoint's permutation; even spread, minimal
     disruption, O(1) lookups."""
@@ -245,7 +245,6 @@ class Maglev(_InFlight):
     def __init__(self, *, table_size: int = TABLE_SIZE) -> None:
         super().__init__()
         self.table_size = table_size
-        self._members: tuple[str, ...] = ()
         self._table: list[int] = []
 
     def _rebuild(self, endpoints: Sequence[str]) -> None:
@@ -266,26 +265,10 @@ class Maglev(_InFlight):
                 nexts[i] += 1
                 filled += 1
                 if filled == m:
-                    self._members = tuple(endpoints)
                     self._table = table
                     return
 
-    def pick(
-        self,
-        endpoints: Sequence[str],
-        now: float,
-        rng: random.Random,
-        *,
-        hash_key: bytes | None = None,
-        avoid: Collection[str] = (),
-    ) -> str | None:
-        if not endpoints:
-            return None
-        if hash_key is None:
-            return rng.choice(_candidates(endpoints, avoid))
-        if tuple(endpoints) != self._members:
-            self._rebuild(endpoints)
-        h = _hash64(hash_key)
+    def _lookup(self, endpoints: Sequence[str], h: int, avoid: Collection[str]) -> str:
         choice = endpoints[self._table[h % self.table_size]]
         if choice in avoid:
             rest = _candidates(endpoints, avoid)
