@@ -223,6 +223,16 @@ class _Response:
         self.keep_alive = True
 
 
+def _add_field(msg: _Request | _Response, in_head: bool, name: bytes, value: bytes) -> None:
+    """A header field, or a trailer field once the head is complete."""
+    if in_head:
+        msg.headers.append((name, value))
+    elif msg.trailers is None:
+        msg.trailers = [(name, value)]
+    else:
+        msg.trailers.append((name, value))
+
+
 class _RequestReader:
     """Feeds a downstream's bytes to httptools; queues `_Request`, bytes, `_END`."""
 
@@ -261,13 +271,7 @@ class _RequestReader:
         self._grow(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        cur = self.cur
-        if self.in_head:
-            cur.headers.append((name, value))
-        elif cur.trailers is None:
-            cur.trailers = [(name, value)]
-        else:
-            cur.trailers.append((name, value))
+        _add_field(self.cur, self.in_head, name, value)
         self._grow(len(name) + len(value) + 4)
 
     def _grow(self, n: int) -> None:
@@ -350,13 +354,7 @@ class _ResponseReader:
         self.cur.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        cur = self.cur
-        if self.in_head:
-            cur.headers.append((name, value))
-        elif cur.trailers is None:
-            cur.trailers = [(name, value)]
-        else:
-            cur.trailers.append((name, value))
+        _add_field(self.cur, self.in_head, name, value)
         self.head_size += len(name) + len(value) + 4
         if self.head_size > self.limit:
             self.error = UpstreamBroken(f"response head over {self.limit} bytes")
