@@ -9,15 +9,13 @@ by its ClusterIP from inside its namespace (through its proxy).
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from synchro.local import mesh, netns
-from tests.netns.test_up import Up, start, synchro
+from tests.netns.test_up import Up, mesh_up
 from tests.netns.watch_split import watch
 
 RELOAD_SECONDS = 2.0
@@ -67,23 +65,12 @@ spec:
 
 @pytest.fixture(scope="module")
 def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(f"network-namespace tests skipped: {reason}")
     directory = tmp_path_factory.mktemp("controlplane") / "manifests"
     directory.mkdir()
     for name, text in MANIFESTS.items():
         (directory / name).write_text(text)
-    name = f"synt-{secrets.token_hex(3)}"
-    proc = start(directory, name)
-    try:
-        if proc.returncode != 0:
-            log = mesh.MeshPaths(name).supervisor_log
-            extra = log.read_text() if log.exists() else ""
-            pytest.fail(f"synchro up failed:\n{proc.stdout}\n{proc.stderr}\n{extra}")
-        yield Up(name, directory, proc.stdout)
-    finally:
-        synchro("down", "--mesh", name)
+    with mesh_up(directory) as running:
+        yield running
 
 
 def cluster_ip(up: Up) -> str:

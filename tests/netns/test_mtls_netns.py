@@ -11,7 +11,6 @@ exec`). fixtures/mtls: `secure/web` (PeerAuthentication STRICT) and `open/web`
 
 from __future__ import annotations
 
-import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -19,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from synchro.local import mesh, netns
-from tests.netns.test_up import Up, start, synchro
+from synchro.local import mesh
+from tests.netns.test_up import Up, mesh_up
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures" / "mtls"
@@ -29,21 +28,10 @@ FRONTEND = "spiffe://cluster.local/ns/shop/sa/frontend"
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(f"network-namespace tests skipped: {reason}")
     directory = tmp_path_factory.mktemp("mtls") / "manifests"
     shutil.copytree(FIXTURES, directory)
-    name = f"synt-{secrets.token_hex(3)}"
-    proc = start(directory, name)
-    try:
-        if proc.returncode != 0:
-            log = mesh.MeshPaths(name).supervisor_log
-            extra = log.read_text() if log.exists() else ""
-            pytest.fail(f"synchro up failed:\n{proc.stdout}\n{proc.stderr}\n{extra}")
-        yield Up(name, directory, proc.stdout)
-    finally:
-        synchro("down", "--mesh", name)
+    with mesh_up(directory) as running:
+        yield running
 
 
 def curl(up: Up, pod: str, url: str) -> tuple[int, str]:

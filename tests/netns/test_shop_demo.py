@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import time
@@ -24,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from synchro.local import hosts, mesh, netns
-from tests.netns.test_up import Up, start, synchro
+from tests.netns.test_up import Up, mesh_up, synchro
 from tests.netns.watch_split import watch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,21 +35,10 @@ GRPC = ("-X", "POST", "-H", "content-type:application/grpc")
 
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(f"network-namespace tests skipped: {reason}")
     directory = tmp_path_factory.mktemp("shop") / "shop"
     shutil.copytree(SHOP, directory)
-    name = f"synt-{secrets.token_hex(3)}"
-    proc = start(directory, name)
-    try:
-        if proc.returncode != 0:
-            log = mesh.MeshPaths(name).supervisor_log
-            extra = log.read_text() if log.exists() else ""
-            pytest.fail(f"synchro up failed:\n{proc.stdout}\n{proc.stderr}\n{extra}")
-        yield Up(name, directory, proc.stdout)
-    finally:
-        synchro("down", "--mesh", name)
+    with mesh_up(directory) as running:
+        yield running
 
 
 def load(shop: Up, requests: int, url: str = "http://127.0.0.1:8080/checkout") -> dict[str, Any]:

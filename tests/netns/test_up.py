@@ -9,6 +9,7 @@ shows which Pod answered and whether a proxy carried the request.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -109,11 +110,10 @@ def start(directory: Path, name: str, *extra: str) -> subprocess.CompletedProces
     return synchro("up", str(directory), "--mesh", name, "--timeout", "30", *extra)
 
 
-@pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+@contextlib.contextmanager
+def mesh_up(directory: Path) -> Iterator[Up]:
+    """`synchro up DIR` under a fresh mesh name; always `synchro down` after."""
     _skip_unless_netns()
-    directory = tmp_path_factory.mktemp("up") / "manifests"
-    shutil.copytree(FIXTURES, directory)
     name = f"synt-{secrets.token_hex(3)}"
     proc = start(directory, name)
     try:
@@ -124,6 +124,14 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
         yield Up(name, directory, proc.stdout)
     finally:
         synchro("down", "--mesh", name)
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    directory = tmp_path_factory.mktemp("up") / "manifests"
+    shutil.copytree(FIXTURES, directory)
+    with mesh_up(directory) as running:
+        yield running
 
 
 def test_up_prints_a_summary_of_ready_pods(up: Up) -> None:
