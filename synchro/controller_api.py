@@ -3,7 +3,8 @@
 - `--controller URL` (default `$SYNCHRO_CONTROLLER`): a reachable API, e.g. a
   `kubectl -n synchro-system port-forward svc/synchro-controller 15012` or a
   test's controller; verified with `--cacert FILE` (default
-  `$SYNCHRO_CONTROLLER_CA`), or not at all with `--insecure`.
+  `$SYNCHRO_CONTROLLER_CA`; `--ca` is an old spelling), or not at all with
+  `--insecure`.
 - otherwise a local mesh (`--mesh NAME`, default `$SYNCHRO_MESH` or the only
   one up): its controller lives in the mesh's node network namespace, so the
   request is made from a socket opened there (root, as for `synchro exec`).
@@ -150,6 +151,8 @@ def add_controller_flags(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="CA of the controller's certificate (default: $SYNCHRO_CONTROLLER_CA)",
     )
+    # `--ca`: what `synchro top` called it once; kept working, not advertised.
+    group.add_argument("--ca", dest="cacert", metavar="FILE", help=argparse.SUPPRESS)
     group.add_argument(
         "--insecure", action="store_true", help="do not verify the controller's certificate"
     )

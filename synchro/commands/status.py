@@ -11,13 +11,10 @@ the API's rows unchanged.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections.abc import Sequence
 from typing import Any
 
-import yaml
-
+from synchro import output
 from synchro.commands import CommandError
 from synchro.controller_api import ControllerClient, add_controller_flags, client_from_args
 
@@ -40,12 +37,7 @@ def _row(p: dict[str, Any]) -> tuple[str, ...]:
 
 
 def render_table(proxies: Sequence[dict[str, Any]]) -> str:
-    rows = [COLUMNS, *(_row(p) for p in proxies)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    ]
-    return "\n".join(lines) + "\n"
+    return output.table(COLUMNS, [_row(p) for p in proxies])
 
 
 def fetch(client: ControllerClient) -> dict[str, Any]:
@@ -59,13 +51,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     proxies = fetch(client_from_args(args))["proxies"]
     if args.namespace:
         proxies = [p for p in proxies if p.get("namespace") == args.namespace]
-    if args.output == "json":
-        json.dump(proxies, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    elif args.output == "yaml":
-        yaml.safe_dump(proxies, sys.stdout, sort_keys=False)
-    else:
-        sys.stdout.write(render_table(proxies))
+    output.emit(proxies, args.output, table=render_table)
     return 0
 
 
@@ -80,5 +66,5 @@ def register(subparsers: Any) -> None:
     )
     add_controller_flags(p)
     p.add_argument("-n", "--namespace", help="only proxies in this namespace")
-    p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    output.add_output_flag(p)
     p.set_defaults(func=cmd_status)

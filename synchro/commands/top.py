@@ -9,18 +9,14 @@ own counters; success means no 5xx and, for gRPC, status OK.
 
 The controller is `--controller URL` (its API, default `$SYNCHRO_CONTROLLER`,
 e.g. https://127.0.0.1:15012, or its dashboard listener, e.g.
-http://127.0.0.1:15014), verified with `--ca FILE` (default
-`$SYNCHRO_CONTROLLER_CA`) or not at all with `--insecure`. Without a URL, the
-local mesh that `synchro up` started is used (as root).
+http://127.0.0.1:15014, which `synchro up` opens on the host), verified with
+`--cacert FILE` (default `$SYNCHRO_CONTROLLER_CA`) or not at all with
+`--insecure`. Without a URL, the local mesh that `synchro up` started is used
+(as root).
 
 In a terminal the table refreshes every 2 s until Ctrl-C; with `--once`, with
 `-o json|yaml`, or when the output is not a terminal, it prints once.
 
-Examples:
-
-    synchro top                                   # the local mesh
-    synchro top -n shop --once
-    synchro top --controller https://10.0.0.5:15012 --ca ca.pem -o json
 """
 
 from __future__ import annotations
@@ -36,8 +32,16 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from synchro import output
+from synchro import controller_api, output
 from synchro.commands import CommandError
+
+EPILOG = """\
+examples:
+  sudo synchro top                                  # the local mesh, live
+  sudo synchro top -n shop --once                   # one table, then exit
+  synchro top --controller http://127.0.0.1:15014 -o yaml   # synchro up's dashboard port
+  synchro top --controller https://10.0.0.5:15012 --cacert ca.pem -o json
+"""
 
 COLUMNS = ("NAMESPACE", "SERVICE", "REQUESTS/S", "SUCCESS", "P50", "P99")
 PATHS = ("/v1/golden/services", "/api/services")  # the controller API, the dashboard listener
@@ -190,7 +194,7 @@ def frame(data: dict[str, Any], namespace: str | None, source: str) -> str:
 
 def cmd_top(args: argparse.Namespace) -> int:
     if args.controller:
-        get = http_getter(args.controller, args.ca, args.insecure)
+        get = http_getter(args.controller, args.cacert, args.insecure)
         source = args.controller
     else:
         get = local_getter(args.mesh)
@@ -219,27 +223,11 @@ def register(subparsers: Any) -> None:
         "top",
         help="live golden metrics per service (like linkerd viz stat)",
         description=__doc__,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--controller",
-        default=os.environ.get("SYNCHRO_CONTROLLER"),
-        metavar="URL",
-        help="controller API or dashboard URL (default: $SYNCHRO_CONTROLLER, else the local mesh)",
-    )
-    p.add_argument(
-        "--ca",
-        "--cacert",
-        dest="ca",
-        default=os.environ.get("SYNCHRO_CONTROLLER_CA"),
-        metavar="FILE",
-        help="CA of the controller's certificate (default: $SYNCHRO_CONTROLLER_CA)",
-    )
-    p.add_argument(
-        "--insecure", action="store_true", help="do not verify the controller's certificate"
-    )
-    p.add_argument("--mesh", help="which local mesh, when several are up")
     p.add_argument("-n", "--namespace", help="only services in this namespace")
     p.add_argument("--once", action="store_true", help="print once and exit")
     output.add_output_flag(p)
+    controller_api.add_controller_flags(p)
     p.set_defaults(func=cmd_top)

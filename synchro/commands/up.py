@@ -9,7 +9,6 @@ and the container). The mesh keeps running until `synchro down`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -17,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from synchro import output
 from synchro.commands import CommandError
 from synchro.local import mesh, netns
 from synchro.local.manifests import ManifestError, load
@@ -25,7 +25,9 @@ SPINNER = "|/-\\"
 DONE = {"Ready": "+", "Completed": "+", "Failed": "x"}
 EPILOG = """examples:
   sudo synchro up examples/shop          # start, wait until every Pod is ready
-  sudo synchro exec shop/frontend-0 -- curl -s http://catalog:8080/
+  sudo synchro up examples/shop -o json  # the same, the final state as JSON on stdout
+  sudo synchro up examples/shop --dashboard-port 8014 --mesh shop2
+  sudo synchro exec shop/frontend-0 -- curl -s http://catalog.shop/
   sudo synchro logs shop/catalog-v1-0 -c synchro-proxy
   sudo synchro down
 """
@@ -158,8 +160,18 @@ def failure_message(status: Mapping[str, Any], name: str) -> str:
     return f"{who} failed: {pod.get('message')}{logs}{hint}"
 
 
+def dashboard_line(status: Mapping[str, Any]) -> str:
+    dash = status.get("dashboard") or {}
+    if dash.get("url"):
+        return f"dashboard: {dash['url']}"
+    if dash.get("error"):
+        return f"dashboard: not exposed on this host: {dash['error']}"
+    return "dashboard: off (--dashboard-port 0)"
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    out = sys.stderr if args.output == "json" else sys.stdout
+    # For -o json|yaml, stdout carries only the data; people read stderr.
+    out = sys.stdout if args.output == output.TABLE else sys.stderr
     if os.geteuid() != 0:
         raise CommandError(
             "`synchro up` needs root: it creates network namespaces, veth pairs and "
@@ -180,8 +192,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CommandError(f"{directory}: no Pods, Deployments, StatefulSets or Jobs to run")
     paths = mesh.MeshPaths(name)
     _existing(paths, out)
+    if not 0 <= args.dashboard_port <= 65535:
+        raise CommandError(f"--dashboard-port {args.dashboard_port}: expected 0 to 65535")
     options = mesh.Options(
-        name, directory, subnet=args.subnet, timeout=args.timeout, parallel=args.parallel
+        name,
+        directory,
+        subnet=args.subnet,
+        timeout=args.timeout,
+        parallel=args.parallel,
+        dashboard_port=args.dashboard_port,
     )
     print(
         f"Starting mesh {name!r} from {directory}: controller and {len(manifests.pods)} Pods",
@@ -193,15 +212,19 @@ def cmd_up(args: argparse.Namespace) -> int:
     status = follow(paths, proc, started + args.timeout * 3 + 60, out)
     print(file=out)
     print(summary(status), file=out)
-    if args.output == "json":
-        print(json.dumps(status, indent=2, sort_keys=True))
+    if args.output != output.TABLE:
+        output.emit(status, args.output)
     if status.get("phase") == "failed":
         raise CommandError(failure_message(status, name))
+    flag = _mesh_flag(name)
     print(
-        f"\nmesh {name!r} is up ({time.monotonic() - started:.1f}s). Next:\n"
+        f"\nmesh {name!r} is up ({time.monotonic() - started:.1f}s); {dashboard_line(status)}\n"
+        f"Next:\n"
         f"  synchro exec NAMESPACE/POD -- CMD...   run a command in a Pod\n"
         f"  synchro logs NAMESPACE/POD [-c NAME]   a container's log\n"
-        f"  synchro down{_mesh_flag(name):<27} stop and remove everything",
+        f"  synchro status{flag:<25} the proxies and their config\n"
+        f"  synchro top{flag:<28} requests/s, success and latency per service\n"
+        f"  synchro down{flag:<27} stop and remove everything",
         file=out,
     )
     return 0
@@ -245,6 +268,16 @@ def register(subparsers: Any) -> None:
         "--parallel", type=int, default=4, metavar="N", help="Pods started at once (default 4)"
     )
     up.add_argument(
-        "-o", "--output", choices=["table", "json"], default="table", help="summary format"
+        "--dashboard-port",
+        type=int,
+        default=mesh.DEFAULT_DASHBOARD_PORT,
+        metavar="PORT",
+        help="serve the controller's dashboard on 127.0.0.1:PORT of this host "
+        f"(default {mesh.DEFAULT_DASHBOARD_PORT}; 0: do not)",
+    )
+    output.add_output_flag(
+        up,
+        help="the final state: a table for people (default), or json|yaml on stdout "
+        "(progress then goes to stderr)",
     )
     up.set_defaults(func=cmd_up)

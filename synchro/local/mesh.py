@@ -21,6 +21,10 @@ supervisor owns everything the mesh is made of:
   readiness changes, and deleted from it when it stops;
 - the node's Service fallback (`servicenat`) and every Pod's hosts file, both
   rewritten when Services, endpoints or readiness change;
+- the one opening onto the host: a relay (synchro/local/relay.py) from
+  127.0.0.1:15014 (`--dashboard-port`; 0: none) to the controller's dashboard
+  in the node namespace, so a browser on the host can open it; a taken port is
+  reported and the mesh comes up without it;
 - a watch of DIR: a Pod added, removed or changed in a file (replicas, a new
   template) is started, stopped or replaced; a container that exits is
   restarted with back-off (a Job's Pod completes instead).
@@ -62,7 +66,7 @@ import jsonpatch
 import yaml
 
 from proxy import ports
-from synchro.local import hosts, netns, servicenat
+from synchro.local import hosts, netns, relay, servicenat
 from synchro.local.manifests import (
     ManifestError,
     Manifests,
@@ -82,6 +86,8 @@ DEFAULT_MESH = "synchro"
 DEFAULT_SUBNET = "10.213.0.0/24"
 WEBHOOK_ADDRESS = ("127.0.0.1", ports.WEBHOOK_PORT)
 API_PORT = 15012
+DASHBOARD_HOST = "127.0.0.1"
+DEFAULT_DASHBOARD_PORT = ports.CONTROLLER_METRICS_PORT
 CONTROLLER_CA_ENV = "SYNCHRO_CONTROLLER_CA"
 INJECTED_ANNOTATION = "synchro.dev/status"
 TICK_SECONDS = 0.5
@@ -371,6 +377,7 @@ class Options:
     timeout: float = 60.0  # for each Pod to become ready
     parallel: int = 4
     grace: float = 2.0  # SIGTERM to SIGKILL when stopping a Pod
+    dashboard_port: int = DEFAULT_DASHBOARD_PORT  # on the host's 127.0.0.1; 0: none
 
 
 class Supervisor:
@@ -393,6 +400,8 @@ class Supervisor:
         self.phase = "starting"
         self.error = ""
         self.warnings: list[str] = []
+        self.relay: relay.Relay | None = None
+        self.dashboard: dict[str, str] = {"url": "", "error": ""}
         self.pool = ThreadPoolExecutor(max_workers=options.parallel, thread_name_prefix="pod")
         self.names_dirty = True
         self._nat_text = ""
@@ -427,6 +436,7 @@ class Supervisor:
                     "webhook": f"{WEBHOOK_ADDRESS[0]}:{WEBHOOK_ADDRESS[1]}",
                     "ca": str(self.ca_path or ""),
                 },
+                "dashboard": dict(self.dashboard),
             },
         )
 
@@ -436,6 +446,7 @@ class Supervisor:
                 "phase": self.phase,
                 "error": self.error,
                 "warnings": list(self.warnings),
+                "dashboard": dict(self.dashboard),
                 "pods": [self._pod_status(r) for r in self._sorted_records()],
             }
             text = json.dumps(data, sort_keys=True)
@@ -581,6 +592,29 @@ class Supervisor:
             f"synchro-controller was not ready within {timeout:.0f}s ({last}):\n"
             f"{_tail(self.controller.log())}"
         )
+
+    def start_dashboard_relay(self) -> None:
+        """The controller's dashboard on the host's 127.0.0.1; a taken port is
+        said (in the status, so `synchro up` prints it) and the mesh goes on."""
+        port = self.options.dashboard_port
+        if not port:
+            return
+        assert self.node is not None
+        node_netns = self.node.netns
+        target = relay.Target(
+            self.gateway, ports.CONTROLLER_METRICS_PORT, lambda: netns.netns_socket(node_netns)
+        )
+        r = relay.Relay((DASHBOARD_HOST, port), target)
+        try:
+            r.start()
+        except relay.RelayError as exc:
+            log.warning("dashboard not exposed on the host: %s", exc)
+            self.dashboard = {"url": "", "error": f"{exc} (use --dashboard-port)"}
+        else:
+            self.relay = r
+            self.dashboard = {"url": r.url, "error": ""}
+            log.info("dashboard relay on %s", r.url)
+        self.save_info()
 
     def refresh_services(self) -> None:
         """ClusterIPs as the controller allocated them (what the proxies use too)."""
@@ -1108,6 +1142,7 @@ class Supervisor:
         self.ctx = ssl.create_default_context(cafile=str(self.ca_path))
         self.start_controller()
         self.wait_controller()
+        self.start_dashboard_relay()
         self.refresh_services()
         self.reconcile(manifests)
 
@@ -1156,6 +1191,8 @@ class Supervisor:
                 procs.extend(r.pod.processes.values())
         if self.controller is not None:
             procs.append(self.controller)
+        if self.relay is not None:
+            self.relay.stop()
         stop_all(procs, self.options.grace)
         if self.node is not None:
             self.node.close()
@@ -1267,6 +1304,8 @@ def spawn_supervisor(options: Options, paths: MeshPaths) -> subprocess.Popen[byt
         str(options.timeout),
         "--parallel",
         str(options.parallel),
+        "--dashboard-port",
+        str(options.dashboard_port),
     ]
     env = dict(os.environ)
     env["SYNCHRO_RUN_DIR"] = str(paths.root)
@@ -1372,6 +1411,7 @@ def supervise(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--subnet", default=DEFAULT_SUBNET)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -1382,6 +1422,7 @@ def supervise(argv: Sequence[str] | None = None) -> int:
         subnet=args.subnet,
         timeout=args.timeout,
         parallel=max(1, args.parallel),
+        dashboard_port=args.dashboard_port,
     )
     sup = Supervisor(options, MeshPaths(options.name, RUN_ROOT))
 

@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from synchro.local import hosts, mesh, netns
 from synchro.local.pod import resolve_command
@@ -59,11 +61,34 @@ def _skip_unless_netns() -> None:
         pytest.skip(f"network-namespace tests skipped: {reason}")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def curl_host(url: str) -> subprocess.CompletedProcess[str]:
+    """curl on the host itself (not in a Pod): what a user's browser would get."""
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "10", url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 @dataclass
 class Up:
     name: str
     directory: Path
     output: str
+    dashboard_port: int = 0
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}/"
 
     @property
     def paths(self) -> mesh.MeshPaths:
@@ -112,16 +137,18 @@ def start(directory: Path, name: str, *extra: str) -> subprocess.CompletedProces
 
 @contextlib.contextmanager
 def mesh_up(directory: Path) -> Iterator[Up]:
-    """`synchro up DIR` under a fresh mesh name; always `synchro down` after."""
+    """`synchro up DIR` under a fresh mesh name; always `synchro down` after.
+    The dashboard gets a free port of its own: meshes of other tests may be up."""
     _skip_unless_netns()
     name = f"synt-{secrets.token_hex(3)}"
-    proc = start(directory, name)
+    port = free_port()
+    proc = start(directory, name, "--dashboard-port", str(port))
     try:
         if proc.returncode != 0:
             log = mesh.MeshPaths(name).supervisor_log
             extra = log.read_text() if log.exists() else ""
             pytest.fail(f"synchro up failed:\n{proc.stdout}\n{proc.stderr}\n{extra}")
-        yield Up(name, directory, proc.stdout)
+        yield Up(name, directory, proc.stdout, port)
     finally:
         synchro("down", "--mesh", name)
 
@@ -142,6 +169,21 @@ def test_up_prints_a_summary_of_ready_pods(up: Up) -> None:
     assert pods["alpha/web-0"]["meshed"] and not pods["beta/api-0"]["meshed"]
     names = [c["name"] for c in pods["alpha/web-0"]["containers"]]
     assert names == ["synchro-init", "synchro-proxy", "app"]
+
+
+def test_the_dashboard_is_open_on_the_host(up: Up) -> None:
+    # The controller listens inside the mesh's node namespace; the supervisor's
+    # relay makes it reachable from the host's 127.0.0.1, as `synchro up` says.
+    assert f"dashboard: {up.dashboard}" in up.output
+    assert up.status()["dashboard"] == {"url": up.dashboard, "error": ""}
+    page = curl_host(up.dashboard)
+    assert page.returncode == 0, page.stderr
+    assert "<title>Synchro</title>" in page.stdout
+    metrics = curl_host(up.dashboard + "metrics")
+    assert metrics.returncode == 0, metrics.stderr
+    assert "synchro_controller_pushes_total" in metrics.stdout
+    services = curl_host(up.dashboard + "api/services")
+    assert isinstance(json.loads(services.stdout)["services"], list)
 
 
 @pytest.mark.parametrize("form", NAME_FORMS)
@@ -226,6 +268,7 @@ def test_down_removes_everything(up: Up) -> None:
     proc = synchro("down", "--mesh", up.name)
     assert proc.returncode == 0, proc.stderr
     assert leftovers(up.name, prefix, pids) == []
+    assert curl_host(up.dashboard).returncode != 0, "the dashboard relay outlived the mesh"
     again = synchro("down", "--mesh", up.name)
     assert again.returncode == 1 and "no mesh named" in again.stderr
 
@@ -264,6 +307,30 @@ def test_down_cleans_up_after_a_killed_supervisor(tmp_path: Path) -> None:
         assert leftovers(name, prefix, pids) == []
     finally:
         synchro("down", "--mesh", name)
+
+
+def test_a_taken_dashboard_port_is_reported_and_up_goes_on(tmp_path: Path) -> None:
+    # Also the machine-readable summary: `-o yaml` prints only the data on stdout.
+    _skip_unless_netns()
+    name = f"synt-{secrets.token_hex(3)}"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        try:
+            proc = start(
+                _tiny(tmp_path / "tiny"), name, "--dashboard-port", str(port), "-o", "yaml"
+            )
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            state = yaml.safe_load(proc.stdout)
+            assert state["phase"] == "ready"
+            assert [p["ref"] for p in state["pods"]] == ["tiny/solo"]
+            assert state["dashboard"]["url"] == ""
+            assert f"127.0.0.1:{port} is already in use" in state["dashboard"]["error"]
+            assert "dashboard: not exposed on this host" in proc.stderr
+            assert "tiny/solo" in proc.stderr  # the table went to people, on stderr
+        finally:
+            synchro("down", "--mesh", name)
 
 
 def test_a_failing_container_is_named(tmp_path: Path) -> None:
