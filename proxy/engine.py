@@ -183,21 +183,49 @@ def flag_reply(flag: Flag, message: str) -> Reply:
     return Reply(STATUS.get(flag, 502), message, flag, grpc_status=GRPC_STATUS.get(flag))
 
 
+class Pending:
+    """`Call.next_address`: wait for a connection slot (the `wait` callback), then ask again."""
+
+    __slots__ = ()
+
+
+PENDING: Final = Pending()
+
+
 # --- per-config compiled plans ---------------------------------------------------------
 
 
 class _Backend:
     """One service port's endpoints, for one config."""
 
-    __slots__ = ("addresses", "endpoints", "key", "meshed", "port", "state")
+    __slots__ = (
+        "addresses",
+        "connect_timeout",
+        "endpoints",
+        "idle_timeout",
+        "key",
+        "meshed",
+        "port",
+        "state",
+    )
 
-    def __init__(self, key: str, port: int, eps: tuple[pc.Endpoint, ...], state: ServiceState):
+    def __init__(
+        self,
+        key: str,
+        port: int,
+        eps: tuple[pc.Endpoint, ...],
+        state: ServiceState,
+        timeouts: pc.Timeouts | None = None,
+    ):
         self.key = key
         self.port = port
         self.endpoints = [f"{e.ip}:{e.port}" for e in eps]
         self.addresses = {f"{e.ip}:{e.port}": Address(e.ip, e.port) for e in eps}
         self.meshed = bool(eps) and all(e.meshed for e in eps)
         self.state = state
+        # TrafficPolicy.timeouts of the service (None or 0: the proxy's defaults).
+        self.connect_timeout = (timeouts.connect or None) if timeouts is not None else None
+        self.idle_timeout = (timeouts.idle or None) if timeouts is not None else None
 
 
 def _bytes_modifier(mod: pc.HeaderModifier | None) -> _HeaderOps | None:
@@ -304,6 +332,7 @@ class Call:
         "engine",
         "fixed",
         "flag_set",
+        "granted",
         "grpc",
         "had_deadline_header",
         "hash_key",
@@ -320,6 +349,7 @@ class Call:
         "target",
         "tried",
         "upstream",
+        "waiter",
     )
 
     def __init__(self, engine: Engine, *, service: str = "", route: str = "") -> None:
@@ -351,6 +381,10 @@ class Call:
         self.held_retry = False
         self.body_size: int | None = 0
         self.upstream = ""
+        # Pending request (maxPendingRequests): the queued wake-up, and whether a
+        # connection slot was handed to this call while it waited.
+        self.waiter: Callable[[], None] | None = None
+        self.granted = False
 
     # -- what the adapter applies to the request --------------------------------------
 
@@ -412,8 +446,16 @@ class Call:
         """How long the next attempt may take (per-try timeout within the deadline)."""
         return self.deadline.bound(self.per_try, now)
 
-    def next_address(self, now: float) -> Address | Reply:
-        """Where the next attempt goes, or why there is nowhere to go."""
+    def next_address(
+        self, now: float, wait: Callable[[], None] | None = None
+    ) -> Address | Reply | Pending:
+        """Where the next attempt goes, or why there is nowhere to go.
+
+        With `wait`, a request that finds every connection slot of the backend
+        taken (maxConnections) waits for one as a pending request: the answer is
+        `PENDING`, and `wait` is called once a slot is this call's; then ask
+        again. Beyond maxPendingRequests it fails at once (503, UO). Without
+        `wait` (opaque TCP) a full connection limit fails at once."""
         if self.deadline.expired(now):
             return self.deadline_reply()
         if self.fixed is not None:
@@ -430,7 +472,14 @@ class Call:
             self.flag_set.add(Flag.NO_HEALTHY_UPSTREAM)
             return flag_reply(Flag.NO_HEALTHY_UPSTREAM, f"no healthy endpoint of {b.key}:{b.port}")
         br = st.breaker
-        if br is not None and not br.try_acquire(Resource.CONNECTIONS):
+        if self.granted:
+            self.granted = False  # the slot handed over while this call waited
+        elif br is not None and not br.try_acquire(Resource.CONNECTIONS):
+            if wait is not None and self.waiter is None:
+                waiter = self._waker(wait)
+                if br.enqueue(waiter):
+                    self.waiter = waiter
+                    return PENDING
             self.flag_set.add(Flag.UPSTREAM_OVERFLOW)
             return flag_reply(Flag.UPSTREAM_OVERFLOW, f"circuit breaker open for {b.key}")
         st.balancer.on_start(key, now)
@@ -440,6 +489,26 @@ class Call:
         self.started = now
         self.upstream = key
         return b.addresses[key]
+
+    def _waker(self, wait: Callable[[], None]) -> Callable[[], None]:
+        def wake() -> None:
+            self.waiter = None
+            self.granted = True
+            wait()
+
+        return wake
+
+    def cancel_wait(self) -> None:
+        """Stop waiting for a connection slot (deadline passed, client gone)."""
+        waiter, self.waiter = self.waiter, None
+        b = self.backend
+        br = b.state.breaker if b is not None else None
+        if waiter is not None and br is not None:
+            br.cancel(waiter)
+        if self.granted:
+            self.granted = False
+            if br is not None:
+                br.release(Resource.CONNECTIONS)
 
     def _end_attempt(
         self, now: float, status: int | None, failure: Failure | None, grpc_status: int | None
@@ -544,6 +613,8 @@ class Call:
         if self.current is not None:
             # Abandoned mid-attempt (the client went away): not the endpoint's fault.
             self._end_attempt(now, None, None, None)
+        if self.waiter is not None or self.granted:
+            self.cancel_wait()
         if self.held_retry and self.backend is not None and self.backend.state.breaker:
             self.backend.state.breaker.release(Resource.RETRIES)
             self.held_retry = False
@@ -627,7 +698,11 @@ class Engine:
         if svc is None or svc.port(port) is None:
             return None
         return _Backend(
-            key, port, self.registry.ready_endpoints(key, port), self._service_state(svc)
+            key,
+            port,
+            self.registry.ready_endpoints(key, port),
+            self._service_state(svc),
+            svc.policy.timeouts if svc.policy is not None else None,
         )
 
     def _retry_policy(
@@ -1058,6 +1133,31 @@ class Engine:
         if br is not None and not br.try_acquire(Resource.REQUESTS):
             return flag_reply(Flag.UPSTREAM_OVERFLOW, f"circuit breaker open for {b.key}")
         return call
+
+    def downstream_idle_timeout(self, direction: Direction, dst: Address) -> float | None:
+        """TrafficPolicy.timeouts.idle of the service a downstream connection is for
+        (outbound: the service the client dialled; inbound: the one served on that
+        port), or None for the proxy's default."""
+        if self.registry is None:
+            return None
+        svc: pc.Service | None = None
+        if direction is Direction.INBOUND:
+            for key in self.registry.config.inbound.services:
+                cand = self.registry.service(key)
+                if cand is not None and any(
+                    dst.port in (p.port, p.target_port) or _ep_port(p, dst.port)
+                    for p in cand.ports
+                ):
+                    svc = cand
+                    break
+        else:
+            res = self._resolve(dst)
+            if isinstance(res, (ToService, ToEndpoint)):
+                svc = res.service
+        tp = svc.policy if svc is not None else None
+        if tp is None or tp.timeouts is None:
+            return None
+        return tp.timeouts.idle or None
 
     def dump(self) -> dict[str, object]:
         """For /config_dump: per-service balancer and ejection state."""

@@ -118,6 +118,8 @@ class ServiceState:
             elif self.outlier.policy != policy:
                 self.outlier.policy = policy
         if breaker is None:
+            if self.breaker is not None:
+                self.breaker.wake_all()  # nobody may wait for a limit that is gone
             self.breaker = None
         else:
             limits = breaker_limits(breaker)
