@@ -1145,8 +1145,7 @@ class Engine:
             for key in self.registry.config.inbound.services:
                 cand = self.registry.service(key)
                 if cand is not None and any(
-                    dst.port in (p.port, p.target_port) or _ep_port(p, dst.port)
-                    for p in cand.ports
+                    dst.port in (p.port, p.target_port) or _ep_port(p, dst.port) for p in cand.ports
                 ):
                     svc = cand
                     break
