@@ -19,6 +19,7 @@ parts of the mesh and are ignored):
 | `rewriteProbes` | rewrite_probes | `true` |
 | `accessLog` | access_log | `off` |
 | `traceSampling` | trace_sampling | `1` |
+| `tracingEndpoint` | tracing_endpoint | `http://otel-collector.observability.svc:4318/v1/traces` (empty: no tracing) |
 | `drainSeconds` | drain_seconds | `5` |
 
 Values are validated with the same parsers as the Pod annotations.
@@ -30,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -61,6 +63,8 @@ class InjectorConfig:
     rewrite_probes: bool = True
     access_log: str = "off"
     trace_sampling: float = 1.0
+    # OTLP/HTTP traces URL, handed to every proxy as SYNCHRO_OTLP_ENDPOINT; "" is off.
+    tracing_endpoint: str = ""
     drain_seconds: int = 5
     trust_domain: str = "cluster.local"
     controller_address: str = "synchro-controller.synchro-system.svc:15012"
@@ -86,6 +90,11 @@ class InjectorConfig:
             raise ConfigError(
                 f"image_pull_policy: {self.image_pull_policy!r} is not valid; "
                 f"expected one of {', '.join(PULL_POLICIES)}"
+            )
+        if self.tracing_endpoint and not _is_http_url(self.tracing_endpoint):
+            raise ConfigError(
+                f'tracing_endpoint: {self.tracing_endpoint!r} is not valid; expected "" (off) '
+                "or an http(s) URL, e.g. http://otel-collector.observability.svc:4318/v1/traces"
             )
         if not self.trust_domain or "/" in self.trust_domain:
             raise ConfigError(
@@ -138,6 +147,7 @@ _KEYS: Mapping[str, str] = {
     "rewriteProbes": "rewrite_probes",
     "accessLog": "access_log",
     "traceSampling": "trace_sampling",
+    "tracingEndpoint": "tracing_endpoint",
     "drainSeconds": "drain_seconds",
 }
 
@@ -146,6 +156,17 @@ _OPTIONAL = frozenset({"cpu_limit", "memory_limit"})
 
 
 MESH_YAML = "mesh.yaml"
+
+
+def _is_http_url(text: str) -> bool:
+    # The proxy checks the same (proxy.telemetry.tracing.parse_endpoint) but turns
+    # tracing off rather than failing; the injector says so at once.
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and " " not in text
 
 
 def _mesh_yaml(data: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -22,6 +22,7 @@ Command `synchro-proxy` with no arguments runs the sidecar, configured by env:
 | `SYNCHRO_CONCURRENCY` | integer 1-64 (always set) |
 | `SYNCHRO_ACCESS_LOG` | off, json, text (always set) |
 | `SYNCHRO_TRACE_SAMPLING` | percent 0-100, e.g. `1` or `2.5` (always set) |
+| `SYNCHRO_OTLP_ENDPOINT` | OTLP/HTTP traces URL, `tracingEndpoint` of `synchro-config` (only when set) |
 | `SYNCHRO_DRAIN_SECONDS` | integer seconds (always set) |
 | `SYNCHRO_OPAQUE_PORTS` | comma-separated ports (only when annotated) |
 | `SYNCHRO_TIMEOUT` | seconds as a decimal number, e.g. `0.5` (only when annotated) |
@@ -420,6 +421,9 @@ def _proxy_env(
     ]
     if config.controller_address:
         env.append({"name": "SYNCHRO_CONTROLLER", "value": config.controller_address})
+    if config.tracing_endpoint:
+        # The mesh's collector; the Pod's sampling comes with the annotations below.
+        env.append({"name": "SYNCHRO_OTLP_ENDPOINT", "value": config.tracing_endpoint})
     env += [
         {"name": "SYNCHRO_TOKEN_FILE", "value": f"{TOKEN_DIR}/{TOKEN_FILE}"},
         {"name": "SYNCHRO_DATA_DIR", "value": DATA_DIR},
