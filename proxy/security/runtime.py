@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from proxy import config as pc
@@ -126,6 +126,15 @@ class MeshSecurity:
         if self.enrollment is not None:
             self.enrollment.start()
 
+    def on_certificate(self, listener: Callable[[TLSMaterial], None]) -> None:
+        """Call `listener` with the workload certificate in force now (if any) and
+        with every new one (first enrollment, renewal, trust bundle change)."""
+        if self.enrollment is not None:
+            self.enrollment.listeners.append(listener)
+        current = self.enrollment.material if self.enrollment else self.static_material
+        if current is not None:
+            listener(current)
+
     async def stop(self) -> None:
         if self.enrollment is not None:
             await self.enrollment.stop()
@@ -220,6 +229,21 @@ _state: weakref.WeakKeyDictionary[ProxyContext, MeshSecurity] = weakref.WeakKeyD
 
 def attach(ctx: ProxyContext, security: MeshSecurity) -> None:
     _state[ctx] = security
+    security.on_certificate(_expiry_setter(ctx))
+
+
+def _expiry_setter(ctx: ProxyContext) -> Callable[[TLSMaterial], None]:
+    """Sets `synchro_certificate_expiry_timestamp_seconds` of `ctx`'s telemetry
+    from each certificate. A weak reference: `_state` is keyed weakly by the
+    context, and a listener holding it strongly would keep it alive forever."""
+    ref = weakref.ref(ctx)
+
+    def set_expiry(material: TLSMaterial) -> None:
+        owner = ref()
+        if owner is not None:
+            owner.telemetry.metrics.cert_expiry.set(material.cert.not_after.timestamp())
+
+    return set_expiry
 
 
 def security_for(ctx: ProxyContext | None) -> MeshSecurity | None:
