@@ -53,7 +53,7 @@ import random
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, overload
 
 from proxy import config as pc
 from proxy.conn import Address, Direction, ProxyContext
@@ -445,6 +445,11 @@ class Call:
     def try_timeout(self, now: float) -> float | None:
         """How long the next attempt may take (per-try timeout within the deadline)."""
         return self.deadline.bound(self.per_try, now)
+
+    @overload
+    def next_address(self, now: float) -> Address | Reply: ...
+    @overload
+    def next_address(self, now: float, wait: Callable[[], None]) -> Address | Reply | Pending: ...
 
     def next_address(
         self, now: float, wait: Callable[[], None] | None = None

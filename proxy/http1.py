@@ -36,20 +36,23 @@ import httptools
 from proxy import engine as engine_mod
 from proxy import headers as hdrs
 from proxy import pool as upstream_pool
-from proxy import tcp
+from proxy import tcp, upstream
 from proxy.conn import Address, Direction, Downstream, ProxyContext
-from proxy.engine import Call, Reply
+from proxy.engine import PENDING, Call, Reply
 from proxy.headers import Framing
 from proxy.pool import UpstreamBroken, UpstreamConnection, UpstreamError, UpstreamTimeout
 from proxy.security import inbound
 from proxy.telemetry.record import RequestRecord
 from proxy.telemetry.telemetry import replace_trace_headers
+from proxy.traffic.flags import Flag
 from proxy.traffic.retry import MAX_RETRIABLE_BODY, Failure
 
 log = logging.getLogger(__name__)
 
 READ_SIZE: Final = 256 * 1024
 MIRROR_TIMEOUT: Final = 10.0
+# A request body is buffered for a mirror up to this size; larger ones are not mirrored.
+MIRROR_BODY_LIMIT: Final = 64 * 1024
 _CRLF: Final = b"\r\n"
 
 
@@ -85,12 +88,18 @@ class TryTimeout(UpstreamTimeout):
     """One attempt took longer than its per-try timeout."""
 
 
+class ResponseTimeout(UpstreamTimeout):
+    """The route's request timeout passed while the response body was still streaming."""
+
+
 # The one place errors become statuses. Looked up along the exception's MRO,
 # so a subclass added later inherits its family's status unless listed.
 STATUS: Final[dict[type[Exception], int]] = {
     BadRequest: 400,
     RequestTimeout: 408,
     HeadersTooLarge: 431,
+    # Envoy's answer to a connect timeout (flag UF); a refused connect stays 502.
+    upstream_pool.ConnectTimeout: 503,
     upstream_pool.ConnectFailed: 502,
     UpstreamBroken: 502,
     UpstreamTimeout: 504,
@@ -441,8 +450,15 @@ class _Conn:
         assert task is not None
         self.task = task
         self.default_host = str(ds.upstream).encode()
+        self.engine = engine_mod.engine_for(ctx)
         # 0 means "no limit" in the proxy's settings.
         self.idle_timeout = ctx.idle_timeout if ctx.idle_timeout > 0 else 1e9
+        # Between requests: the called service's TrafficPolicy idle timeout, if any.
+        self.keepalive_timeout = self.idle_timeout
+        if self.engine is not None:
+            service_idle = self.engine.downstream_idle_timeout(ds.direction, ds.upstream)
+            if service_idle is not None:
+                self.keepalive_timeout = service_idle
         self.header_timeout = ctx.header_timeout if ctx.header_timeout > 0 else 1e9
         # Watchdog state.
         self.wd_kind = _OFF
@@ -458,7 +474,10 @@ class _Conn:
         self.continue_sent = False
         self.response_started = False
         self.head_started = 0.0
-        self.engine = engine_mod.engine_for(ctx)
+        # The backend service's connect and pooled-idle timeouts (None: the pool's).
+        self.up_connect: float | None = None
+        self.up_idle: float | None = None
+        self.pending: asyncio.Future[None] | None = None
         self.telemetry = ctx.telemetry
         self.rec: RequestRecord | None = None
 
@@ -571,7 +590,7 @@ class _Conn:
             else:
                 if ctx.draining.is_set():
                     return None
-                self._arm(_IDLE, self.idle_timeout)
+                self._arm(_IDLE, self.keepalive_timeout)
             try:
                 data = await self.reader.read(READ_SIZE)
             except (ConnectionError, OSError):
@@ -756,7 +775,13 @@ class _Conn:
         if call is not None:
             if call.target is not None:
                 head[2] = call.target
-            return await self._attempts(req, head, call)
+            b = call.backend
+            if b is not None:
+                self.up_connect, self.up_idle = b.connect_timeout, b.idle_timeout
+            try:
+                return await self._attempts(req, head, call)
+            finally:
+                self.up_connect = self.up_idle = None
         head.append(_CRLF)
         address = self.choose_upstream(req)
         try:
@@ -777,12 +802,17 @@ class _Conn:
             await asyncio.sleep(call.delay)  # fault injection
         retry = call.retry
         if (
-            retry is not None
-            and retry.attempts > 1
-            and not self.body_done
+            not self.body_done
             and meta.content_length is not None
-            and meta.content_length <= MAX_RETRIABLE_BODY
             and not meta.expect_continue
+            and (
+                (
+                    retry is not None
+                    and retry.attempts > 1
+                    and meta.content_length <= MAX_RETRIABLE_BODY
+                )
+                or (call.mirrors and meta.content_length <= MIRROR_BODY_LIMIT)
+            )
         ):
             await self._read_whole_body(req)
         body: list[bytes] = []
@@ -793,7 +823,12 @@ class _Conn:
             self._mirror(call, head, body)
         while True:
             now = loop.time()
-            target = call.next_address(now)
+            target = call.next_address(now, self._slot_granted)
+            if target is PENDING:
+                refused = await self._wait_pending(call)
+                if refused is None:
+                    continue  # a connection slot is ours now: ask again
+                target = refused
             if type(target) is Reply:
                 return await self._reply(req, target)
             assert isinstance(target, Address)
@@ -827,7 +862,9 @@ class _Conn:
                 if pause is None:
                     if call.response_ops is not None:
                         resp.headers = call.response_headers(resp.headers)
-                    return await self._respond(req, resp, up)
+                    if call.deadline.at is None or resp.status == 101:
+                        return await self._respond(req, resp, up)
+                    return await self._respond_within(req, resp, up, call)
                 self.up = None
                 self.pool.release(up, reusable=False)
             else:
@@ -839,6 +876,49 @@ class _Conn:
                     return await self._answer_error(req, error)
             if pause > 0:
                 await asyncio.sleep(pause)
+
+    def _slot_granted(self) -> None:
+        """The breaker handed this request a connection slot (it was pending)."""
+        fut = self.pending
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def _wait_pending(self, call: Call) -> Reply | None:
+        """Wait, as a pending request, for a connection slot: None once it is ours,
+        a Reply (504) when the request's deadline passes first."""
+        fut = self.pending = self.loop.create_future()
+        # Waiting for the upstream is not the client being slow with its head.
+        self.wd_kind = _OFF
+        try:
+            async with asyncio.timeout(call.deadline.remaining(self.loop.time())):
+                await fut
+        except TimeoutError:
+            call.cancel_wait()
+            return call.deadline_reply()
+        finally:
+            self.pending = None
+        return None
+
+    async def _respond_within(
+        self, req: _Request, resp: _Response, up: UpstreamConnection, call: Call
+    ) -> bool:
+        """`_respond`, cut off when the request's deadline (the route's request
+        timeout, Gateway API: the whole exchange) passes mid-body: the client's
+        connection closes after the partial body, flag UT.
+
+        (The per-try timeout, HTTPRoute `backendRequest`, bounds an attempt only
+        until the response head, like Envoy's per_try_timeout: once a response
+        is chosen there is no other attempt to make.)"""
+        assert call.deadline.at is not None
+        timer = self.loop.call_at(call.deadline.at, self._response_timed_out, call)
+        try:
+            return await self._respond(req, resp, up)
+        finally:
+            timer.cancel()
+
+    def _response_timed_out(self, call: Call) -> None:
+        call.flag_set.add(Flag.UPSTREAM_TIMEOUT)
+        self.abort(ResponseTimeout("request timeout passed while the response was streaming"))
 
     def _drop_attempt(self) -> None:
         self._stop_pump()
@@ -867,7 +947,7 @@ class _Conn:
             if not engine.mirror_slot():
                 log.debug("http1: mirror to %s skipped: too many in flight", address)
                 continue
-            task = asyncio.ensure_future(_send_mirror(engine, address, data))
+            task = asyncio.ensure_future(_send_mirror(engine, address, data, self.ctx))
             _mirrors.add(task)
             task.add_done_callback(_mirrors.discard)
 
@@ -929,9 +1009,10 @@ class _Conn:
             pieces = list(head)
             self.body_done = self._take_body(pieces, meta.chunked, req)
         data = b"".join(pieces)
-        up = await self.pool.acquire(address)
+        up = await self.pool.acquire(address, self.up_connect)
         while True:
             self.up = up
+            up.idle_timeout = self.up_idle
             if up.codec is None:
                 up.codec = _ResponseReader(self.ctx.max_header_bytes)
             up.codec.received = 0
@@ -948,7 +1029,7 @@ class _Conn:
             log.debug("http1: pooled connection to %s was stale; reconnecting", address)
             self.pool.release(up, reusable=False)
             self.up = None
-            up = await self.pool.connect(address)
+            up = await self.pool.connect(address, self.up_connect)
 
     async def _pump_body(self, up: UpstreamConnection, req: _Request) -> None:
         """Helper task: the rest of the request body, downstream to upstream."""
@@ -1176,12 +1257,17 @@ class _Conn:
 _mirrors: set[asyncio.Future[None]] = set()
 
 
-async def _send_mirror(engine: engine_mod.Engine, address: Address, data: bytes) -> None:
+async def _send_mirror(
+    engine: engine_mod.Engine, address: Address, data: bytes, ctx: ProxyContext
+) -> None:
     writer: asyncio.StreamWriter | None = None
     codec = _ResponseReader(64 * 1024)
     try:
         async with asyncio.timeout(MIRROR_TIMEOUT):
-            reader, writer = await asyncio.open_connection(address.host, address.port)
+            # Over mTLS when the mirror's endpoint runs a sidecar, like any upstream.
+            reader, writer = await upstream.open_connection(
+                address, ctx, alpn="http/1.1", timeout=ctx.connect_timeout
+            )
             writer.write(data)
             # Read the answer to its end (not every server honours Connection: close).
             while _END not in codec.events:

@@ -36,6 +36,10 @@ class ConnectFailed(UpstreamError):
     """Could not open a connection (refused, unreachable, connect timeout)."""
 
 
+class ConnectTimeout(ConnectFailed):
+    """The connection did not open within the connect timeout."""
+
+
 class UpstreamTimeout(UpstreamError):
     """The upstream did not answer in time."""
 
@@ -62,11 +66,14 @@ T = TypeVar("T")
 
 
 class IdleSet(Generic[T]):
-    """Idle connections per upstream; newest first out (keeps the warm ones warm)."""
+    """Idle connections per upstream; newest first out (keeps the warm ones warm).
+
+    Each item may carry its own idle timeout (the service's TrafficPolicy
+    `timeouts.idle`); without one, the settings' applies."""
 
     def __init__(self, settings: PoolSettings) -> None:
         self.settings = settings
-        # Per key: [(idle_since, item)], oldest first.
+        # Per key: [(expires_at, item)], in the order they were put.
         self._idle: dict[Any, list[tuple[float, T]]] = {}
         self.total = 0
 
@@ -75,19 +82,20 @@ class IdleSet(Generic[T]):
         stack = self._idle.get(key)
         if not stack:
             return None, []
-        since, item = stack.pop()
-        self.total -= 1
-        if now - since < self.settings.idle_timeout:
-            if not stack:
-                del self._idle[key]
-            return item, []
-        # The newest has expired, so all older ones have too.
-        expired = [item, *(i for _, i in stack)]
-        self.total -= len(stack)
-        del self._idle[key]
-        return None, expired
+        expired: list[T] = []
+        found: T | None = None
+        while stack:
+            expires_at, item = stack.pop()
+            self.total -= 1
+            if now < expires_at:
+                found = item
+                break
+            expired.append(item)
+        if not stack:
+            del self._idle[key]
+        return found, expired
 
-    def put(self, key: Any, item: T, now: float) -> bool:
+    def put(self, key: Any, item: T, now: float, idle_timeout: float | None = None) -> bool:
         """Keep `item` idle; False when the bounds say close it instead."""
         stack = self._idle.setdefault(key, [])
         if (
@@ -97,7 +105,7 @@ class IdleSet(Generic[T]):
             if not stack:
                 del self._idle[key]
             return False
-        stack.append((now, item))
+        stack.append((now + (idle_timeout or self.settings.idle_timeout), item))
         self.total += 1
         return True
 
@@ -117,19 +125,16 @@ class IdleSet(Generic[T]):
     def expire(self, now: float) -> tuple[list[T], float | None]:
         """Remove expired items; also the time the next one expires (None if empty)."""
         expired: list[T] = []
-        timeout = self.settings.idle_timeout
         next_at: float | None = None
         for key in list(self._idle):
             stack = self._idle[key]
-            n = 0
-            while n < len(stack) and now - stack[n][0] >= timeout:
-                n += 1
-            if n:
-                expired += (item for _, item in stack[:n])
-                del stack[:n]
-                self.total -= n
+            keep = [(at, item) for at, item in stack if now < at]
+            if len(keep) != len(stack):
+                expired += (item for at, item in stack if now >= at)
+                self.total -= len(stack) - len(keep)
+                stack[:] = keep
             if stack:
-                at = stack[0][0] + timeout
+                at = min(at for at, _ in stack)
                 next_at = at if next_at is None or at < next_at else next_at
             else:
                 del self._idle[key]
@@ -145,7 +150,7 @@ class IdleSet(Generic[T]):
 class UpstreamConnection:
     """One connection to an upstream; `codec` is protocol state the handler attaches."""
 
-    __slots__ = ("address", "codec", "reader", "requests", "writer")
+    __slots__ = ("address", "codec", "idle_timeout", "reader", "requests", "writer")
 
     def __init__(
         self, address: Address, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -156,6 +161,8 @@ class UpstreamConnection:
         self.codec: Any = None
         # Requests sent on it; > 0 means it came from the pool (it may have gone stale).
         self.requests = 0
+        # How long it may stay pooled (the service's idle timeout); None: the pool's.
+        self.idle_timeout: float | None = None
 
     def usable(self) -> bool:
         return not self.writer.is_closing() and not self.reader.at_eof()
@@ -174,7 +181,7 @@ async def connect(
             address, ctx, alpn="http/1.1", timeout=timeout, limit=STREAM_LIMIT
         )
     except TimeoutError as exc:
-        raise ConnectFailed(f"connect to {address} timed out after {timeout}s") from exc
+        raise ConnectTimeout(f"connect to {address} timed out after {timeout}s") from exc
     except OSError as exc:
         raise ConnectFailed(f"connect to {address}: {exc.strerror or exc}") from exc
     sock = writer.get_extra_info("socket")
@@ -211,8 +218,11 @@ class Pool:
     def idle_count(self) -> int:
         return self._idle.total
 
-    async def acquire(self, address: Address) -> UpstreamConnection:
-        """A pooled connection to `address` if one is idle and alive, else a new one."""
+    async def acquire(
+        self, address: Address, connect_timeout: float | None = None
+    ) -> UpstreamConnection:
+        """A pooled connection to `address` if one is idle and alive, else a new one
+        (opened within `connect_timeout`, the pool's when None)."""
         now = self._now()
         while True:
             conn, expired = self._idle.take(address, now)
@@ -225,12 +235,14 @@ class Pool:
                 return conn
             conn.close()
         self.connects += 1
-        return await connect(address, self.settings.connect_timeout, self._ctx())
+        return await connect(address, connect_timeout or self.settings.connect_timeout, self._ctx())
 
-    async def connect(self, address: Address) -> UpstreamConnection:
+    async def connect(
+        self, address: Address, connect_timeout: float | None = None
+    ) -> UpstreamConnection:
         """A new connection that will not come from the pool (retries of stale ones, tunnels)."""
         self.connects += 1
-        return await connect(address, self.settings.connect_timeout, self._ctx())
+        return await connect(address, connect_timeout or self.settings.connect_timeout, self._ctx())
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         """Give `conn` back after a complete exchange, or close it."""
@@ -238,10 +250,11 @@ class Pool:
             conn.close()
             return
         now = self._now()
-        if not self._idle.put(conn.address, conn, now):
+        idle = conn.idle_timeout or self.settings.idle_timeout
+        if not self._idle.put(conn.address, conn, now, idle):
             conn.close()
             return
-        self._schedule(now + self.settings.idle_timeout)
+        self._schedule(now + idle)
 
     def _schedule(self, at: float) -> None:
         if self._timer is not None and self._timer_at <= at:
