@@ -290,6 +290,9 @@ def synchro_launcher(
             *extra_args,
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCHRO_")}
+        # Measure this checkout's proxy even when the installed entry point's
+        # editable install points elsewhere.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH"))))
         proc = ctx.procs.start(
             f"synchro-{protocol}", argv, cpus=ctx.placement.proxy, cwd=REPO, env=env
         )
