@@ -143,8 +143,9 @@ def _env(
                 kinds = ", ".join(sorted(source)) or "nothing"
                 raise PodSpecError(f"{here}.valueFrom: {kinds} is not supported locally")
         else:
-            value = expand(str(item.get("value", "")), env)
-        env[name] = _remap(value, mounts)
+            # Remapped before expansion: `$(VAR)` brings its own, already remapped, value.
+            value = expand(_remap(str(item.get("value", "")), mounts), env)
+        env[name] = value
     return env
 
 
@@ -165,15 +166,33 @@ def _mounts(container: Mapping[str, Any], ctx: PodContext, where: str) -> dict[s
     return out
 
 
+# Where an absolute path may start inside a command line, a shell script or a
+# list variable: not after a character that would make it part of a longer
+# path or word ("http://host/data" does not mention the volume "/data").
+_PATH_START = r"(?<![\w./~-])"
+# ... and where it ends: at a separator, a quote or the end.
+_PATH_END = r"(?=/|$|[\s'\";:,=)|&<>])"
+
+
 def _remap(value: str, mounts: Mapping[str, str]) -> str:
-    """A path inside a mounted volume, pointed at the volume's local directory."""
-    for mount_path in sorted(mounts, key=len, reverse=True):
-        if value == mount_path or value.startswith(mount_path + "/"):
-            return mounts[mount_path] + value[len(mount_path) :]
-    return value
+    """Paths inside mounted volumes, pointed at the volumes' local directories.
+
+    Containers name their volumes by mountPath anywhere in `command`, `args`,
+    env values and hooks (`python3 /opt/app/main.py`, `sh -c 'cat /etc/cfg/x'`,
+    `PYTHONPATH=/opt/app:/lib`); no mount namespace puts the volume there
+    locally, so every mention is rewritten instead."""
+    if not mounts or "/" not in value:
+        return value
+    paths = sorted((m for m in mounts if m != "/"), key=len, reverse=True)
+    if not paths:
+        return value
+    pattern = re.compile(_PATH_START + "(" + "|".join(map(re.escape, paths)) + ")" + _PATH_END)
+    return pattern.sub(lambda m: mounts[m.group(1)], value)
 
 
-def _argv(container: Mapping[str, Any], env: Mapping[str, str], where: str) -> tuple[str, ...]:
+def _argv(
+    container: Mapping[str, Any], env: Mapping[str, str], mounts: Mapping[str, str], where: str
+) -> tuple[str, ...]:
     command = container.get("command") or []
     args = container.get("args") or []
     if not command:
@@ -184,17 +203,17 @@ def _argv(container: Mapping[str, Any], env: Mapping[str, str], where: str) -> t
     for key, value in (("command", command), ("args", args)):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise PodSpecError(f"{where}.{key}: expected a list of strings")
-    return tuple(expand(part, env) for part in (*command, *args))
+    return tuple(expand(_remap(part, mounts), env) for part in (*command, *args))
 
 
 def _hook(
-    container: Mapping[str, Any], which: str, env: Mapping[str, str]
+    container: Mapping[str, Any], which: str, env: Mapping[str, str], mounts: Mapping[str, str]
 ) -> tuple[str, ...] | None:
     hook = (container.get("lifecycle") or {}).get(which) or {}
     command = (hook.get("exec") or {}).get("command")
     if not command:
         return None
-    return tuple(expand(str(part), env) for part in command)
+    return tuple(expand(_remap(str(part), mounts), env) for part in command)
 
 
 def _probe(container: Mapping[str, Any], key: str) -> Probe | None:
@@ -265,13 +284,13 @@ def _step(
     return Step(
         name=name,
         kind=kind,
-        argv=_argv(container, env, where),
+        argv=_argv(container, env, mounts, where),
         env=env,
         uid=uid,
         gid=gid,
         cwd=_remap(working_dir, mounts) if isinstance(working_dir, str) else None,
-        post_start=_hook(container, "postStart", env),
-        pre_stop=_hook(container, "preStop", env),
+        post_start=_hook(container, "postStart", env, mounts),
+        pre_stop=_hook(container, "preStop", env, mounts),
         startup_probe=_probe(container, "startupProbe"),
         readiness_probe=_probe(container, "readinessProbe"),
     )

@@ -133,3 +133,41 @@ def test_what_cannot_run_locally_is_named(container: dict[str, Any], field: str)
 def test_a_pod_without_containers_is_refused() -> None:
     with pytest.raises(PodSpecError, match=r"spec\.containers"):
         plan_pod({"metadata": {"name": "x"}, "spec": {}}, CTX)
+
+
+def test_paths_into_volumes_are_remapped_in_commands_scripts_env_and_hooks() -> None:
+    ctx = PodContext(
+        name="web-1",
+        namespace="demo",
+        ip="10.213.0.7",
+        volumes={"code": "/var/local/code", "run": "/var/local/run"},
+    )
+    pod = manifest(
+        command=["python3", "/opt/app/main.py", "--config=/etc/app/cfg.yaml"],
+        args=["sh -c 'cat /etc/app/x; curl http://host/opt/app/y' $(CODE)/z"],
+        env=[
+            {"name": "CODE", "value": "/opt/app"},
+            {"name": "PYTHONPATH", "value": "/opt/app:/usr/lib/py"},
+            {"name": "LONGER", "value": "/opt/application/main.py"},
+            {"name": "SELF", "value": "$(CODE)"},
+        ],
+        lifecycle={"preStop": {"exec": {"command": ["/opt/app/stop.sh"]}}},
+        workingDir="/opt/app",
+        volumeMounts=[
+            {"name": "code", "mountPath": "/opt/app"},
+            {"name": "run", "mountPath": "/opt"},  # a prefix of another mount: longest wins
+            {"name": "cfg", "mountPath": "/etc/app"},  # no local stand-in: left alone
+        ],
+    )
+    web = plan_pod(pod, ctx).step("web")
+    assert web.argv == (
+        "python3",
+        "/var/local/code/main.py",
+        "--config=/etc/app/cfg.yaml",
+        "sh -c 'cat /etc/app/x; curl http://host/opt/app/y' /var/local/code/z",
+    )
+    assert web.env["CODE"] == "/var/local/code" and web.env["SELF"] == "/var/local/code"
+    assert web.env["PYTHONPATH"] == "/var/local/code:/usr/lib/py"
+    assert web.env["LONGER"] == "/var/local/run/application/main.py"
+    assert web.pre_stop == ("/var/local/code/stop.sh",)
+    assert web.cwd == "/var/local/code"
