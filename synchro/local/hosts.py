@@ -8,7 +8,9 @@ process `synchro.local` starts in the Pod) sees as `/etc/hosts`. It maps
   `name.ns.svc.cluster.local`, and Services of the Pod's own namespace also
   as plain `name` (what the DNS search path does in a cluster);
 - a headless Service to the IPs of its ready Pods, and a StatefulSet Pod
-  (`hostname` + `subdomain`) to its own IP as `pod.svc.ns.svc.cluster.local`;
+  (`hostname` + `subdomain`) to its own IP as `pod.svc.ns.svc.cluster.local`
+  and the shorter forms the search path completes (`pod.svc.ns`, and
+  `pod.svc` in its own namespace);
 - the Pod's own hostname to its IP.
 
 A `resolv.conf` next to it points at 127.0.0.1, where nothing answers DNS, so a
@@ -75,7 +77,7 @@ def render(
     """The hosts file of Pod `namespace/pod` (pure)."""
     own = [hostname or pod]
     if subdomain:
-        own.append(f"{hostname or pod}.{subdomain}.{namespace}.svc.{domain}")
+        own.extend(service_names(namespace, f"{hostname or pod}.{subdomain}", namespace, domain))
     lines = [
         f"# synchro up: hosts of Pod {namespace}/{pod}; rewritten when Services change",
         "127.0.0.1\tlocalhost",
@@ -88,7 +90,9 @@ def render(
     for p in sorted(pods, key=lambda p: (p.namespace, p.subdomain, p.hostname)):
         if p.ip == ip and p.namespace == namespace and p.hostname == (hostname or pod):
             continue  # already on its own line
-        lines.append(f"{p.ip}\t{p.hostname}.{p.subdomain}.{p.namespace}.svc.{domain}")
+        # Every form the DNS search path completes, as for Services.
+        forms = service_names(p.namespace, f"{p.hostname}.{p.subdomain}", namespace, domain)
+        lines.append(f"{p.ip}\t{' '.join(forms)}")
     return "\n".join(lines) + "\n"
 
 

@@ -269,8 +269,26 @@ def test_hosts_map_four_name_forms_and_own_namespace_short_names() -> None:
         "payments.pay.svc",
         "payments.pay.svc.cluster.local",
     ]
-    assert lines["10.213.0.9"] == ["db-0.db.data.svc.cluster.local"]
+    # A StatefulSet Pod by every form the search path completes (pod.svc.ns ...).
+    assert lines["10.213.0.9"] == [
+        "db-0.db.data",
+        "db-0.db.data.svc",
+        "db-0.db.data.svc.cluster.local",
+    ]
     assert "localhost" in lines["127.0.0.1"]
+    same = hosts.render(
+        namespace="data",
+        pod="db-1",
+        ip="10.213.0.8",
+        services=[],
+        pods=[hosts.PodAddress("data", "db-0", "db", "10.213.0.9")],
+        hostname="db-1",
+        subdomain="db",
+    )
+    assert (
+        "10.213.0.9\tdb-0.db db-0.db.data db-0.db.data.svc db-0.db.data.svc.cluster.local" in same
+    )
+    assert "10.213.0.8\tdb-1 db-1.db db-1.db.data db-1.db.data.svc" in same
 
 
 def test_hosts_write_in_place_keeps_the_inode(tmp_path: Path) -> None:
