@@ -90,7 +90,14 @@ class Controller:
     # --- the loop ----------------------------------------------------------------------
 
     def _documents(self) -> list[SourceDoc]:
-        docs = [d for name in sorted(self._docs) for d in self._docs[name]]
+        docs = [
+            d
+            for name in sorted(self._docs)
+            for d in self._docs[name]
+            if _pod_key(d.doc) not in self._pods
+        ]
+        # A reported Pod replaces the same Pod read from a source: a manifest in
+        # --config-dir says what to run (no IP, no status), the report what runs.
         docs.extend(self._pods[k] for k in sorted(self._pods))
         return docs
 
@@ -343,3 +350,13 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(run())
+
+
+def _pod_key(doc: Any) -> tuple[str, str] | None:
+    """(namespace, name) of a core v1 Pod document, else None."""
+    if not isinstance(doc, dict) or doc.get("kind") != "Pod" or doc.get("apiVersion") != "v1":
+        return None
+    meta = doc.get("metadata")
+    if not isinstance(meta, dict):
+        return None
+    return (str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
