@@ -121,9 +121,12 @@ def allocate_cluster_ips(services: Iterable[rs.Service]) -> dict[tuple[str, str]
 
 
 class _PodIndex:
-    """Pods by namespace and label, so selecting is not pods x services."""
+    """Pods by namespace and label, so selecting is not pods x services; and
+    whether a Pod's sidecar takes mesh TLS on a port."""
 
-    def __init__(self, pods: Iterable[rs.Pod]) -> None:
+    def __init__(self, pods: Iterable[rs.Pod], resources: ResourceSet | None = None) -> None:
+        self.resources = resources
+        self._inbound: dict[tuple[Any, ...], pc.PeerAuthentication] = {}
         self.by_ns: dict[str, list[rs.Pod]] = {}
         self.by_label: dict[tuple[str, str, str], set[int]] = {}
         self.pods: list[rs.Pod] = []
@@ -135,6 +138,22 @@ class _PodIndex:
             self.by_ns.setdefault(p.meta.namespace, []).append(p)
             for k, v in p.meta.labels.items():
                 self.by_label.setdefault((p.meta.namespace, k, v), set()).add(i)
+
+    def takes_mtls(self, pod: rs.Pod, port: int) -> bool:
+        """A meshed Pod whose PeerAuthentication (workload > namespace > mesh,
+        port level first) is not DISABLE on `port`. A DISABLE sidecar refuses
+        mesh TLS, so callers must speak plaintext to it, as Istio's auto mTLS
+        does; a Pod without a sidecar never takes it."""
+        if not pod.meshed:
+            return False
+        if self.resources is None:
+            return True
+        key = (pod.meta.namespace, tuple(sorted(pod.meta.labels.items())))
+        pa = self._inbound.get(key)
+        if pa is None:
+            info = ProxyInfo(pod.meta.namespace, pod.meta.name, pod.meta.labels)
+            pa = self._inbound[key] = peer_authentication(self.resources, info)
+        return pa.mode_for(port) != "DISABLE"
 
     def select(self, namespace: str, selector: Mapping[str, str]) -> list[rs.Pod]:
         if not selector:
@@ -150,7 +169,7 @@ class _PodIndex:
         return [self.pods[i] for i in sorted(hit)]
 
 
-def _endpoint_from_pod(pod: rs.Pod, port: int, trust_domain: str) -> pc.Endpoint:
+def _endpoint_from_pod(pod: rs.Pod, port: int, trust_domain: str, pods: _PodIndex) -> pc.Endpoint:
     return pc.Endpoint(
         ip=pod.ip,
         port=port,
@@ -158,7 +177,8 @@ def _endpoint_from_pod(pod: rs.Pod, port: int, trust_domain: str) -> pc.Endpoint
         identity=pc.spiffe_id(trust_domain, pod.meta.namespace, pod.service_account),
         zone=pod.zone,
         ready=pod.ready,
-        meshed=pod.meshed,
+        # `meshed` tells callers to speak mTLS: not to a sidecar that refuses it.
+        meshed=pods.takes_mtls(pod, port),
         pod=pod.meta.key,
     )
 
@@ -182,7 +202,7 @@ def _endpoints_from_pods(
             port = int(num)
         else:
             port = tp or sp.port
-        out.append(_endpoint_from_pod(pod, port, td))
+        out.append(_endpoint_from_pod(pod, port, td, pods))
     return tuple(out)
 
 
@@ -204,7 +224,7 @@ def _endpoints_from_slices(
                     continue
                 seen.add((addr, port))
                 if pod is not None:
-                    e = _endpoint_from_pod(pod, port, td)
+                    e = _endpoint_from_pod(pod, port, td, pods)
                     out.append(replace(e, ip=addr, ready=ep.ready, zone=ep.zone or pod.zone))
                 else:
                     out.append(
@@ -352,7 +372,7 @@ def shared(resources: ResourceSet) -> Shared:
         return cached
     mesh = resources.mesh.settings
     td = mesh.trust_domain
-    pods = _PodIndex(resources.pods)
+    pods = _PodIndex(resources.pods, resources)
     slices: dict[tuple[str, str], list[rs.EndpointSlice]] = {}
     for sl in resources.endpoint_slices:
         slices.setdefault((sl.meta.namespace, sl.service), []).append(sl)
@@ -403,6 +423,9 @@ def shared(resources: ResourceSet) -> Shared:
             svc_policy.get(key),
             td,
             vips.get(key),
+            # Which endpoints take mTLS depends on them.
+            resources.peer_authentications,
+            resources.mesh.settings.default_mtls_mode,
         )
         hit = previous.get(key)
         if hit is not None and _same(hit[0], deps):

@@ -981,11 +981,14 @@ def parse_peer_authentication(doc: _R) -> PeerAuthentication:
     mode = mtls.enum("mode", _MODES, "UNSET") if mtls else "UNSET"
     levels = []
     if (pl := spec.obj("portLevelMtls")) is not None:
-        for key in pl.d:
+        # Keys are numbers in YAML (`8080: {mode: DISABLE}`, as Istio's docs
+        # write them) and strings in JSON: read the value under the key as given.
+        for key, value in pl.d.items():
             if not str(key).isdigit() or not 1 <= int(key) <= 65535:
                 pl.fail(str(key), "port-level keys must be port numbers")
-            body = pl.obj(str(key), required=True)
-            assert body is not None
+            if not isinstance(value, dict):
+                pl.fail(str(key), f"expected an object, got {type(value).__name__}")
+            body = _R(value, pl.at(str(key)))
             m = body.enum("mode", _MODES, "UNSET")
             if m != "UNSET":
                 levels.append((int(key), str(m)))
