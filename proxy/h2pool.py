@@ -36,6 +36,10 @@ class H2UpstreamError(Exception):
     """An upstream HTTP/2 connection could not be opened or used."""
 
 
+class H2ConnectTimeout(H2UpstreamError):
+    """The connection (TCP, TLS and the server's SETTINGS) did not open in time."""
+
+
 class UpstreamStream(Protocol):
     """What an upstream connection tells the owner of one of its streams."""
 
@@ -77,6 +81,9 @@ class UpstreamConnection(Endpoint, asyncio.Protocol):
         # After a GOAWAY (sent or received) no stream is opened here any more.
         self.goaway = False
         self.idle_since = pool.loop.time()
+        # How long it may stay open without streams (the service's idle timeout);
+        # None: the pool's.
+        self.idle_timeout: float | None = None
         # Resolves with the server's first SETTINGS; fails if the connection dies first.
         self.settled: asyncio.Future[None] = pool.loop.create_future()
 
@@ -275,8 +282,15 @@ class H2Pool:
                     return conn
         return None
 
-    def connect(self, address: Address) -> asyncio.Future[UpstreamConnection]:
-        """A new connection to `address` (shared with other callers while it opens)."""
+    def connect(
+        self,
+        address: Address,
+        connect_timeout: float | None = None,
+        idle_timeout: float | None = None,
+    ) -> asyncio.Future[UpstreamConnection]:
+        """A new connection to `address` (shared with other callers while it opens),
+        opened within `connect_timeout` and closed after `idle_timeout` without
+        streams (the pool's when None)."""
         fut = self._connecting.get(address)
         if fut is None:
             if self.closed:
@@ -287,23 +301,32 @@ class H2Pool:
             # Mark a failure as retrieved even when every waiter has gone.
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._connecting[address] = fut
-            task = self.loop.create_task(self._open(address, fut))
+            task = self.loop.create_task(
+                self._open(address, fut, connect_timeout or self.connect_timeout, idle_timeout)
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return fut
 
-    async def _open(self, address: Address, fut: asyncio.Future[UpstreamConnection]) -> None:
+    async def _open(
+        self,
+        address: Address,
+        fut: asyncio.Future[UpstreamConnection],
+        connect_timeout: float,
+        idle_timeout: float | None,
+    ) -> None:
         conn: UpstreamConnection | None = None
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(connect_timeout):
                 # proxy.upstream decides mTLS (meshed endpoint) or plaintext.
                 _, conn = await upstream.create_connection(
                     lambda: UpstreamConnection(self, address),
                     address,
                     self.ctx_ref() if self.ctx_ref is not None else None,
                     alpn="h2",
-                    timeout=self.connect_timeout,
+                    timeout=connect_timeout,
                 )
+                conn.idle_timeout = idle_timeout
                 await conn.settled
         except (OSError, TimeoutError, H2UpstreamError) as exc:
             if conn is not None:
@@ -312,7 +335,8 @@ class H2Pool:
                 "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
             )
             log.info("cannot open HTTP/2 connection to %s: %s", address, reason)
-            fut.set_exception(H2UpstreamError(f"connect to {address}: {reason}"))
+            error = H2ConnectTimeout if isinstance(exc, TimeoutError) else H2UpstreamError
+            fut.set_exception(error(f"connect to {address}: {reason}"))
         except BaseException as exc:
             if conn is not None:
                 conn.close()
@@ -336,16 +360,28 @@ class H2Pool:
                 del self._conns[conn.address]
 
     def _schedule_sweep(self) -> None:
-        if self._sweeper is None and not self.closed:
-            period = max(0.05, min(self.idle_timeout / 2, 10.0))
-            self._sweeper = self.loop.call_later(period, self._sweep)
+        if self.closed:
+            return
+        shortest = min(
+            (c.idle_timeout or self.idle_timeout for cs in self._conns.values() for c in cs),
+            default=self.idle_timeout,
+        )
+        period = max(0.05, min(shortest / 2, 10.0))
+        at = self.loop.time() + period
+        if self._sweeper is not None:
+            if self._sweeper.when() <= at:
+                return
+            # A connection with a shorter idle timeout arrived: look sooner.
+            self._sweeper.cancel()
+        self._sweeper = self.loop.call_at(at, self._sweep)
 
     def _sweep(self) -> None:
         self._sweeper = None
-        deadline = self.loop.time() - self.idle_timeout
+        now = self.loop.time()
         for conns in list(self._conns.values()):
             for conn in list(conns):
-                if not conn.streams and conn.idle_since <= deadline:
+                idle = conn.idle_timeout or self.idle_timeout
+                if not conn.streams and conn.idle_since <= now - idle:
                     conn.close()
         if self._conns:
             self._schedule_sweep()

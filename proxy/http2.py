@@ -38,7 +38,7 @@ from hyperframe.frame import GoAwayFrame
 
 from proxy import engine as engine_mod
 from proxy.conn import Address, Direction, Downstream, ProxyContext
-from proxy.engine import Call, Reply
+from proxy.engine import PENDING, Call, Reply
 from proxy.h2conn import Endpoint, Header, Pipe, new_connection, reset_stream
 from proxy.h2headers import (
     GRPC_UNAVAILABLE,
@@ -50,7 +50,7 @@ from proxy.h2headers import (
     response_headers,
     trailer_headers,
 )
-from proxy.h2pool import H2Pool, H2UpstreamError, UpstreamConnection
+from proxy.h2pool import H2ConnectTimeout, H2Pool, H2UpstreamError, UpstreamConnection
 from proxy.security import inbound
 from proxy.telemetry.telemetry import replace_trace_headers
 from proxy.traffic.flags import Flag
@@ -64,6 +64,10 @@ WRITE_HIGH_WATER = 1 << 20
 # A request body up to this size can be replayed on another connection.
 REPLAY_LIMIT = 64 * 1024
 MAX_TRANSPARENT_ATTEMPTS = 3
+# RequestMirror: a copy's body is buffered up to this size (larger ones are not
+# mirrored), and a copy gets this long before it is reset.
+MIRROR_BODY_LIMIT = 64 * 1024
+MIRROR_TIMEOUT = 10.0
 # How often one attempt may find a fresh connection already full before giving up.
 MAX_CAPACITY_WAITS = 16
 
@@ -125,6 +129,7 @@ class Exchange:
         "down_id",
         "grpc",
         "headers",
+        "mirrors",
         "rec",
         "req",
         "request",
@@ -172,6 +177,8 @@ class Exchange:
         self.attempts = 0
         self.waits = 0
         self.closed = False
+        # RequestMirror copies waiting for the end of the request body.
+        self.mirrors: list[MirrorCopy] | None = None
 
     # -- one attempt -----------------------------------------------------------
 
@@ -179,6 +186,10 @@ class Exchange:
         """Ask the traffic engine about this request, then send the first attempt."""
         down = self.down
         if down.downstream.direction is Direction.INBOUND:
+            # Who called, over mTLS (x-synchro-peer-workload, stripped).
+            self.request = down.telemetry.take_peer_workload(
+                self.rec, down.downstream.peer_identity, self.request
+            )
             # Authorization and x-forwarded-client-cert (proxy.security.inbound).
             checked = inbound.http_request(
                 down.ctx,
@@ -216,6 +227,8 @@ class Exchange:
                 self.rec.route = call.route
                 if call.touches_headers:
                     self.request = call.rewrite_headers(request)
+                if call.mirrors:
+                    self._start_mirrors(call)
                 if call.delay:  # fault injection
                     self.timer = down.loop.call_later(call.delay, self._attempt)
                     return
@@ -235,7 +248,12 @@ class Exchange:
             return
         loop = self.down.loop
         now = loop.time()
-        target = call.next_address(now)
+        target = call.next_address(now, self._slot_granted)
+        if target is PENDING:
+            left = call.deadline.remaining(now)
+            if left is not None:
+                self.timer = loop.call_later(max(left, 0.0), self._pending_timed_out)
+            return
         if type(target) is Reply:
             self._local_reply(target)
             return
@@ -246,6 +264,32 @@ class Exchange:
         if timeout is not None:
             self.timer = loop.call_later(timeout, self._try_timed_out)
         self._dispatch(target)
+
+    def _slot_granted(self) -> None:
+        """The breaker handed this pending request a connection slot: attempt now
+        (from the loop, not from inside whoever released the slot)."""
+        self._cancel_timer()
+        self.timer = self.down.loop.call_later(0, self._attempt)
+
+    def _pending_timed_out(self) -> None:
+        self.timer = None
+        call = self.call
+        if self.closed or call is None:
+            return
+        call.cancel_wait()
+        self._local_reply(call.deadline_reply())
+
+    def _response_timed_out(self) -> None:
+        """The route's request timeout covers the whole exchange (Gateway API): a
+        response still streaming when it passes is reset on both sides, flag UT.
+        (The per-try timeout, HTTPRoute `backendRequest`, ends at the response
+        head, like Envoy's per_try_timeout.)"""
+        self.timer = None
+        if self.closed or self.call is None:
+            return
+        self.call.flag_set.add(Flag.UPSTREAM_TIMEOUT)
+        log.debug("stream %d: request timeout passed mid-response", self.down_id)
+        self._reset_both(_CANCEL)
 
     def _try_timed_out(self) -> None:
         self.timer = None
@@ -285,8 +329,13 @@ class Exchange:
         conn = self.down.pool.ready(target)
         if conn is not None:
             self._send(conn)
-        else:
-            self.down.pool.connect(target).add_done_callback(self._connected)
+            return
+        b = self.call.backend if self.call is not None else None
+        if b is None:
+            fut = self.down.pool.connect(target)
+        else:  # the service's TrafficPolicy timeouts
+            fut = self.down.pool.connect(target, b.connect_timeout, b.idle_timeout)
+        fut.add_done_callback(self._connected)
 
     def _connected(self, fut: asyncio.Future[UpstreamConnection]) -> None:
         if self.closed:
@@ -294,7 +343,13 @@ class Exchange:
         if fut.cancelled():
             self._attempt_failed(False, "connect cancelled", retry=False)
         elif (exc := fut.exception()) is not None:
-            self._attempt_failed(False, str(exc), retry=False, failure=Failure.CONNECT_FAILURE)
+            self._attempt_failed(
+                False,
+                str(exc),
+                retry=False,
+                failure=Failure.CONNECT_FAILURE,
+                connect_timeout=isinstance(exc, H2ConnectTimeout),
+            )
         else:
             conn = fut.result()
             if conn.has_capacity:
@@ -313,7 +368,8 @@ class Exchange:
         req = self.req
         end = req.ended and not req.pending and req.trailers is None
         try:
-            up_id = conn.open_stream(self, self.headers, end)
+            headers = self.down.telemetry.tag_http2(self.headers, conn.transport)
+            up_id = conn.open_stream(self, headers, end)
         except H2UpstreamError as exc:
             self._attempt_failed(True, str(exc))
             return
@@ -335,6 +391,7 @@ class Exchange:
         *,
         retry: bool = True,
         failure: Failure | None = None,
+        connect_timeout: bool = False,
     ) -> None:
         if self.closed:
             return
@@ -346,7 +403,7 @@ class Exchange:
             self.resp = None
         call = self.call
         if call is not None and not self.responded:
-            self._engine_failed(call, unprocessed, reason, retry, failure)
+            self._engine_failed(call, unprocessed, reason, retry, failure, connect_timeout)
             return
         if (
             retry
@@ -364,7 +421,8 @@ class Exchange:
         if self.responded:
             reset_stream(self.down, self.down_id, _INTERNAL)
         else:
-            self._respond_error(502, GRPC_UNAVAILABLE, f"upstream unavailable: {reason}")
+            status = 503 if connect_timeout else 502
+            self._respond_error(status, GRPC_UNAVAILABLE, f"upstream unavailable: {reason}")
         self._finish()
 
     def _engine_failed(
@@ -374,6 +432,7 @@ class Exchange:
         reason: str,
         retry: bool,
         failure: Failure | None,
+        connect_timeout: bool = False,
     ) -> None:
         """An attempt failed before a response: the engine decides what comes next."""
         failure = failure or (Failure.REFUSED_STREAM if unprocessed else Failure.RESET)
@@ -393,6 +452,8 @@ class Exchange:
             self._respond_error(504, GRPC_DEADLINE_EXCEEDED, "request deadline exceeded")
         elif failure is Failure.TIMEOUT:
             self._respond_error(504, GRPC_DEADLINE_EXCEEDED, f"upstream timeout: {reason}")
+        elif connect_timeout:  # Envoy's answer to a connect timeout (flag UF)
+            self._respond_error(503, GRPC_UNAVAILABLE, f"upstream connect timeout: {reason}")
         else:
             self._respond_error(502, GRPC_UNAVAILABLE, f"upstream unavailable: {reason}")
         self._finish()
@@ -436,6 +497,8 @@ class Exchange:
         self.rec.status = int(forward[0][1])
         self.responded = True
         self.req.sent_log = None
+        if not ended and call is not None and call.deadline.at is not None:
+            self.timer = self.down.loop.call_at(call.deadline.at, self._response_timed_out)
         down = self.down
         try:
             down.h2.send_headers(self.down_id, forward, end_stream=ended)
@@ -548,18 +611,66 @@ class Exchange:
 
     def down_trailers(self, headers: list[Header]) -> None:
         try:
-            self.req.finish(trailer_headers(headers))
+            trailers = trailer_headers(headers)
+            self.req.finish(trailers)
         except MalformedHeaders as exc:
             log.info("client %s sent malformed trailers: %s", self.down.downstream.peer, exc)
             self._reset_both(_PROTOCOL)
+            return
+        if self.mirrors is not None:
+            self._fire_mirrors(trailers)
 
     def down_ended(self) -> None:
         if not self.req.ended:
             self.req.finish(None)
+        if self.mirrors is not None:
+            self._fire_mirrors(None)
+
+    def down_data(self, data: bytes) -> None:
+        """Request body for the mirrors (the request's own pipe has it already)."""
+        mirrors = self.mirrors
+        assert mirrors is not None
+        for m in list(mirrors):
+            if not m.buffer(data):
+                mirrors.remove(m)
+        if not mirrors:
+            self.mirrors = None
 
     def down_reset(self, error_code: int) -> None:
         """The client reset its stream (a cancelled gRPC call): reset ours upstream too."""
+        self._drop_mirrors()
         self._cancel_upstream(error_code)
+
+    # -- mirrors (RequestMirror) -------------------------------------------------
+
+    def _start_mirrors(self, call: Call) -> None:
+        down = self.down
+        engine = down.engine
+        assert engine is not None
+        headers = self.request + call.deadline_headers(down.loop.time())
+        copies = []
+        for address in call.mirrors:
+            if not engine.mirror_slot():
+                log.debug("http2: mirror to %s skipped: too many in flight", address)
+                continue
+            copies.append(MirrorCopy(down, engine, address, headers))
+        if not copies:
+            return
+        if self.req.ended:  # no body: send the copies now
+            for m in copies:
+                m.fire(None)
+        else:
+            self.mirrors = copies
+
+    def _fire_mirrors(self, trailers: list[Header] | None) -> None:
+        mirrors, self.mirrors = self.mirrors, None
+        for m in mirrors or ():
+            m.fire(trailers)
+
+    def _drop_mirrors(self) -> None:
+        mirrors, self.mirrors = self.mirrors, None
+        for m in mirrors or ():
+            m.drop()
 
     def down_lost(self) -> None:
         self._cancel_upstream(_CANCEL)
@@ -598,12 +709,168 @@ class Exchange:
             rec.attempts = call.attempts
             rec.upstream_host = call.upstream
         self.down.telemetry.end(rec)
+        if self.mirrors is not None and not self.req.ended:
+            self._drop_mirrors()  # the request never ended: no whole copy to send
         self.req.abandon()
         if self.resp is not None:
             self.resp.abandon()
         if self.up is not None:
             self.up.stream_done(self.up_id)
         self.down.exchange_done(self.down_id)
+
+
+class MirrorCopy:
+    """One fire-and-forget copy of a request (RequestMirror) on its own upstream
+    stream. The body is buffered up to MIRROR_BODY_LIMIT (a larger one drops the
+    copy) and sent once the client's request ended; the answer is read and
+    dropped at once (its flow-control window given straight back), and the copy
+    is reset after MIRROR_TIMEOUT. Nothing here touches the primary request: a
+    slow or dead mirror costs the client nothing.
+    """
+
+    __slots__ = (
+        "address",
+        "body",
+        "conn",
+        "down",
+        "engine",
+        "finished",
+        "headers",
+        "pipe",
+        "size",
+        "stream_id",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        down: DownstreamConnection,
+        engine: engine_mod.Engine,
+        address: Address,
+        headers: list[Header],
+    ) -> None:
+        self.down = down
+        self.engine = engine  # holds the copy's in-flight slot (mirror_slot)
+        self.address = address
+        self.headers = headers
+        self.body: list[bytes] = []
+        self.size = 0
+        self.conn: UpstreamConnection | None = None
+        self.stream_id = 0
+        self.pipe: Pipe | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.finished = False
+
+    def buffer(self, data: bytes) -> bool:
+        """Keep request body for the copy; False (and the copy dropped) past the limit."""
+        self.size += len(data)
+        if self.size > MIRROR_BODY_LIMIT:
+            log.debug("http2: mirror to %s dropped: body over %d bytes", self.address, self.size)
+            self.drop()
+            return False
+        if data:
+            self.body.append(data)
+        return True
+
+    def fire(self, trailers: list[Header] | None) -> None:
+        if self.finished:
+            return
+        pool = self.down.pool
+        self.timer = pool.loop.call_later(MIRROR_TIMEOUT, self._timed_out)
+        conn = pool.ready(self.address)
+        if conn is not None:
+            self._send(conn, trailers)
+        else:
+            pool.connect(self.address).add_done_callback(lambda fut: self._connected(fut, trailers))
+
+    def _connected(
+        self, fut: asyncio.Future[UpstreamConnection], trailers: list[Header] | None
+    ) -> None:
+        if self.finished:
+            return
+        if fut.cancelled() or fut.exception() is not None:
+            log.debug("http2: mirror to %s: cannot connect", self.address)
+            self.drop()
+        elif fut.result().has_capacity:
+            self._send(fut.result(), trailers)
+        else:
+            self.drop()  # a copy never waits for a stream
+
+    def _send(self, conn: UpstreamConnection, trailers: list[Header] | None) -> None:
+        end = not self.body and trailers is None
+        try:
+            self.stream_id = conn.open_stream(self, self.headers, end)
+        except H2UpstreamError as exc:
+            log.debug("http2: mirror to %s: %s", self.address, exc)
+            self.drop()
+            return
+        self.conn = conn
+        if not end:
+            # Nothing to acknowledge to the client: its window came back through
+            # the request's own pipe. Hence flow-controlled lengths of 0.
+            pipe = self.pipe = Pipe(self.down, 0)
+            pipe.pending.extend([data, 0] for data in self.body)
+            pipe.ended = True
+            pipe.trailers = trailers
+            pipe.attach(conn, self.stream_id)
+        self.body = []
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        log.debug("http2: mirror to %s did not finish in %ss", self.address, MIRROR_TIMEOUT)
+        self.drop()
+
+    def drop(self) -> None:
+        """Done with the copy (answered, failed, timed out, or not sendable)."""
+        if self.finished:
+            return
+        self.finished = True
+        self.body = []
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.pipe is not None:
+            self.pipe.abandon()
+        conn = self.conn
+        if conn is not None and self.stream_id in conn.streams:
+            reset_stream(conn, self.stream_id, _CANCEL)
+            conn.stream_done(self.stream_id)
+        self.engine.mirror_done()
+
+    # -- proxy.h2pool.UpstreamStream: the mirror's answer, ignored -----------------
+
+    def up_response(self, headers: list[Header], ended: bool) -> None:
+        if ended:
+            self._ended()
+
+    def up_informational(self, headers: list[Header]) -> None:
+        pass
+
+    def up_data(self, data: bytes, flow_len: int, ended: bool) -> None:
+        if self.conn is not None:
+            self.conn.ack(self.stream_id, flow_len)
+
+    def up_trailers(self, headers: list[Header]) -> None:
+        pass  # the stream's end follows
+
+    def up_ended(self) -> None:
+        self._ended()
+
+    def up_reset(self, error_code: int) -> None:
+        self.conn = None  # the pool dropped the stream already
+        self.drop()
+
+    def up_failed(self, unprocessed: bool, reason: str) -> None:
+        self.conn = None
+        self.drop()
+
+    def _ended(self) -> None:
+        conn = self.conn
+        if conn is not None and (self.pipe is None or self.pipe.done):
+            # Complete both ways: nothing to reset.
+            conn.stream_done(self.stream_id)
+            self.conn = None
+        self.drop()
 
 
 _EV_REQUEST = h2.events.RequestReceived
@@ -638,6 +905,14 @@ class DownstreamConnection(Endpoint):
         self.client_goaway = False
         self.last_active = self.loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
+        # Without streams: the called service's TrafficPolicy idle timeout, if any.
+        self.idle_timeout = ctx.idle_timeout
+        if self.engine is not None:
+            service_idle = self.engine.downstream_idle_timeout(
+                downstream.direction, downstream.upstream
+            )
+            if service_idle is not None:
+                self.idle_timeout = service_idle
 
     def choose_upstream(self, request: list[Header]) -> Address:
         """Where this request goes; per-request routing and balancing replace this."""
@@ -649,7 +924,7 @@ class DownstreamConnection(Endpoint):
 
     async def run(self) -> None:
         drain_watch = self.loop.create_task(self._watch_drain())
-        self._idle_timer = self.loop.call_later(self.ctx.idle_timeout, self._idle_tick)
+        self._idle_timer = self.loop.call_later(self.idle_timeout, self._idle_tick)
         reader = self.downstream.reader
         try:
             self.mark()
@@ -689,6 +964,8 @@ class DownstreamConnection(Endpoint):
             if kind is _EV_DATA:
                 ex = exchanges.get(ev.stream_id)
                 if ex is not None:
+                    if ex.mirrors is not None:
+                        ex.down_data(ev.data)
                     ex.req.feed(ev.data, ev.flow_controlled_length, ev.stream_ended is not None)
                 else:
                     self.ack(ev.stream_id, ev.flow_controlled_length)
@@ -764,14 +1041,12 @@ class DownstreamConnection(Endpoint):
         if not self.alive:
             return
         idle_for = self.loop.time() - self.last_active
-        if not self.exchanges and idle_for >= self.ctx.idle_timeout:
+        if not self.exchanges and idle_for >= self.idle_timeout:
             log.debug("closing idle HTTP/2 connection from %s", self.downstream.peer)
             self.send_goaway()
             return
         # Streams in flight keep the connection; look again a full period later.
-        wait = (
-            self.ctx.idle_timeout if self.exchanges else max(self.ctx.idle_timeout - idle_for, 0.05)
-        )
+        wait = self.idle_timeout if self.exchanges else max(self.idle_timeout - idle_for, 0.05)
         self._idle_timer = self.loop.call_later(wait, self._idle_tick)
 
     def _close(self) -> None:
