@@ -680,6 +680,7 @@ class _Conn:
         try:
             headers = replace_trace_headers(req.headers, trace) if trace else req.headers
             if ds.direction is Direction.INBOUND:
+                headers = self.telemetry.take_peer_workload(rec, ds.peer_identity, headers)
                 # Authorization and x-forwarded-client-cert (proxy.security.inbound).
                 checked = inbound.http_request(self.ctx, ds, req.method, req.target, headers)
                 if not isinstance(checked, list):
@@ -1008,8 +1009,9 @@ class _Conn:
         if not self.body_done:
             pieces = list(head)
             self.body_done = self._take_body(pieces, meta.chunked, req)
-        data = b"".join(pieces)
         up = await self.pool.acquire(address, self.up_connect)
+        # Over mesh mTLS, name our workload to the peer (Telemetry.tag_http1).
+        data = b"".join(self.telemetry.tag_http1(pieces, up.writer))
         while True:
             self.up = up
             up.idle_timeout = self.up_idle

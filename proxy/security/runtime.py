@@ -19,9 +19,10 @@ from typing import Any, Protocol
 
 from proxy import config as pc
 from proxy.conn import ProxyContext
-from proxy.registry import Registry
+from proxy.registry import Registry, ToEndpoint
 from proxy.security import authz
 from proxy.security.enroll import ENV_TOKEN_FILE, Enrollment, EnrollSettings, TLSMaterial
+from proxy.telemetry.telemetry import workload_name
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class MeshSecurity:
         self.policies: tuple[authz.Policy, ...] = ()
         # For tests and tools without an enrollment: material set directly.
         self.static_material: TLSMaterial | None = None
+        self._described: dict[str, tuple[str, str, str] | None] = {}
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], controller: str = "") -> MeshSecurity | None:
@@ -146,6 +148,7 @@ class MeshSecurity:
         config = snapshot.config
         self.policies = compile_policies(config.inbound.authorization)
         self.snapshot = snapshot
+        self._described = {}
         if config.trust_bundle and self.enrollment is not None:
             self.enrollment.set_trust_bundle(config.trust_bundle)
 
@@ -176,6 +179,29 @@ class MeshSecurity:
             return self.enrollment.settings.spiffe_id
         config = self.config
         return config.workload.identity if config and config.workload.identity else None
+
+    def describe_upstream(self, host_port: str) -> tuple[str, str, str] | None:
+        """(workload, namespace, SPIFFE ID) of the Pod at `host_port` ("ip:port",
+        as the traffic engine names endpoints), from the pushed endpoints; None
+        when it is no known Pod. Remembered until the next config."""
+        try:
+            return self._described[host_port]
+        except KeyError:
+            pass
+        found = None
+        registry = self.registry
+        host, _, port = host_port.rpartition(":")
+        if registry is not None and port.isdigit():
+            try:
+                hit = registry.resolve(host.strip("[]"), int(port))
+            except ValueError:
+                hit = None
+            if isinstance(hit, ToEndpoint) and hit.endpoint.pod:
+                namespace, _, pod = hit.endpoint.pod.partition("/")
+                found = (workload_name(pod), namespace, hit.endpoint.identity)
+        if len(self._described) < 10_000:  # bounded by the mesh's Pods anyway
+            self._described[host_port] = found
+        return found
 
     def mode_for(self, port: int) -> str:
         """The inbound PeerAuthentication mode on `port` (the mesh default without config)."""
@@ -229,6 +255,8 @@ _state: weakref.WeakKeyDictionary[ProxyContext, MeshSecurity] = weakref.WeakKeyD
 
 def attach(ctx: ProxyContext, security: MeshSecurity) -> None:
     _state[ctx] = security
+    # Outbound records name the destination Pod's workload and identity.
+    ctx.telemetry.describe_upstream = security.describe_upstream
     security.on_certificate(_expiry_setter(ctx))
 
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import IO, Final
+from typing import IO, Final, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -65,6 +66,23 @@ _USER_AGENT: Final = b"user-agent"
 _CONTENT_TYPE: Final = b"content-type"
 _INTERESTING: Final = TRACE_HEADER_NAMES | {_REQUEST_ID, _USER_AGENT, _CONTENT_TYPE}
 _OUTBOUND_NAMES: Final = frozenset({"source", "outbound"})
+
+# Metadata exchange, the small part of Istio's that metrics need: the caller's
+# sidecar names its workload to the callee's sidecar in this request field, so
+# that inbound records carry `source_workload` (the verified mTLS identity only
+# names a ServiceAccount, which many workloads may share, and a controller-side
+# principal -> workload map would be ambiguous for exactly those). It is sent
+# only on mesh mTLS connections (never to a plaintext or non-mesh upstream),
+# believed only from a caller with a verified identity and only when it occurs
+# once (an app that sets it too gets none), and always removed before the app
+# sees the request. Opaque TCP has no such field: there the label stays empty.
+PEER_WORKLOAD: Final = b"x-synchro-peer-workload"
+_PEER_WORKLOAD_LEN: Final = len(PEER_WORKLOAD)
+_WORKLOAD_VALUE: Final = re.compile(rb"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+
+
+class _HasExtraInfo(Protocol):
+    def get_extra_info(self, name: str, default: object = None) -> object: ...
 
 
 class TelemetryError(ValueError):
@@ -290,6 +308,14 @@ class Telemetry:
         self._enabled = self._scan or self._observe
         self._lag_task: asyncio.Task[None] | None = None
         self._failures = 0
+        # What this proxy tells an mTLS upstream about itself (PEER_WORKLOAD).
+        workload = settings.workload.encode("ascii", "replace")
+        ok = bool(_WORKLOAD_VALUE.fullmatch(workload))
+        self._peer_field: Header | None = (PEER_WORKLOAD, workload) if ok else None
+        self._peer_line = PEER_WORKLOAD + b": " + workload + b"\r\n" if ok else b""
+        # Who an upstream address is (workload, namespace, SPIFFE ID), from the
+        # pushed endpoints; the security runtime sets it (see `describe_destination`).
+        self.describe_upstream: Callable[[str], tuple[str, str, str] | None] | None = None
 
     @classmethod
     def disabled(cls) -> Telemetry:
@@ -376,6 +402,62 @@ class Telemetry:
         if "ns" in parts and parts.index("ns") + 1 < len(parts):
             rec.source_namespace = parts[parts.index("ns") + 1]
 
+    def take_peer_workload(
+        self, rec: RequestRecord, peer_identity: str | None, headers: list[Header]
+    ) -> list[Header]:
+        """Inbound: `headers` without PEER_WORKLOAD; its value becomes
+        `rec.source_workload` when the caller proved an identity over mTLS."""
+        found: list[bytes] = []
+        for name, value in headers:
+            if len(name) == _PEER_WORKLOAD_LEN and name.lower() == PEER_WORKLOAD:
+                found.append(value)
+        if not found:
+            return headers
+        if (
+            peer_identity
+            and len(found) == 1
+            and rec.reporter == "destination"
+            and _WORKLOAD_VALUE.fullmatch(found[0])
+        ):
+            rec.source_workload = found[0].decode("ascii")
+        return [
+            (n, v)
+            for n, v in headers
+            if not (len(n) == _PEER_WORKLOAD_LEN and n.lower() == PEER_WORKLOAD)
+        ]
+
+    def _names_us(self, transport: _HasExtraInfo | None) -> bool:
+        # Mesh mTLS is the only TLS a sidecar originates: app TLS passes as TCP.
+        return (
+            self._peer_field is not None
+            and transport is not None
+            and transport.get_extra_info("ssl_object") is not None
+        )
+
+    def tag_http1(self, pieces: list[bytes], transport: _HasExtraInfo | None) -> list[bytes]:
+        """Outbound HTTP/1: `pieces` (a request whose first four pieces are the
+        request line) with PEER_WORKLOAD after the request line when `transport`
+        is mesh mTLS; else `pieces` unchanged."""
+        if not self._names_us(transport):
+            return pieces
+        return [*pieces[:4], self._peer_line, *pieces[4:]]
+
+    def tag_http2(self, headers: list[Header], transport: _HasExtraInfo | None) -> list[Header]:
+        """Outbound HTTP/2: `headers` plus PEER_WORKLOAD when `transport` is mesh mTLS."""
+        if not self._names_us(transport):
+            return headers
+        assert self._peer_field is not None
+        return [*headers, self._peer_field]
+
+    def describe_destination(self, rec: RequestRecord) -> None:
+        """Outbound: the destination's workload, namespace and principal from the
+        endpoint the request went to (the controller's view of that Pod)."""
+        if not rec.upstream_host or self.describe_upstream is None:
+            return
+        found = self.describe_upstream(rec.upstream_host)
+        if found is not None:
+            rec.destination_workload, rec.destination_namespace, rec.destination_principal = found
+
     def _record(self, direction: Direction | str, protocol: str, service: str) -> RequestRecord:
         if isinstance(direction, Direction):
             outbound = direction is Direction.OUTBOUND
@@ -453,6 +535,9 @@ class Telemetry:
         try:
             if rec.mono_start and not rec.duration:
                 rec.duration = time.perf_counter() - rec.mono_start
+            # Not for TCP: its opened count was labelled before the endpoint was picked.
+            if rec.reporter == "source" and self.describe_upstream and rec.protocol != "tcp":
+                self.describe_destination(rec)
             if self._observe:
                 if rec.protocol == "tcp":
                     self.metrics.observe_tcp(rec, opened=False)
