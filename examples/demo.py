@@ -1,9 +1,13 @@
 """`sudo make demo`: the shop on the local mesh, with numbers from real traffic.
 
-Brings the mesh up (`synchro up examples/shop`), drives the frontend from
-inside its Pod, reads every proxy's /metrics, and prints what the mesh did:
-the canary split, retries hiding a flaky replica, mTLS on every edge, and a
-call the AuthorizationPolicy refuses. The mesh stays up for exploring.
+Brings the mesh up (`synchro up examples/shop`), drives checkouts through the
+frontend from inside its Pod, reads every proxy's /metrics before and after,
+and prints what the mesh did: requests/s and success per service as callers
+saw them (after the mesh's retries) and as the Pods answered (before), the
+canary split, mTLS on every edge, and a call the AuthorizationPolicy refuses;
+then where to look next. The mesh stays up for exploring until `synchro down`.
+
+`--attach` uses a mesh that is already up instead (`--mesh NAME`).
 """
 
 from __future__ import annotations
@@ -12,140 +16,178 @@ import argparse
 import json
 import subprocess
 import sys
-from collections import defaultdict
-from pathlib import Path
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
+from examples import shopstats
+from examples.shopstats import Check, Figures
 
-ROOT = Path(__file__).resolve().parent.parent
-SHOP = ROOT / "examples" / "shop"
-
-
-def run(
-    argv: list[str], *, check: bool = True, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, text=True, capture_output=True, check=check, timeout=timeout)
+DEFAULT_MESH = "synchro"
+MARK = {True: "\u2714", False: "\u2718"}  # ✔ ✘
 
 
-def sh_exec(pod: str, *cmd: str, check: bool = True, timeout: float = 300) -> str:
-    return run(["synchro", "exec", pod, "--", *cmd], check=check, timeout=timeout).stdout
+def synchro_runner(mesh: str) -> shopstats.Runner:
+    def run(pod: str, argv: Sequence[str]) -> str:
+        done = subprocess.run(
+            ["synchro", "exec", pod, "--mesh", mesh, "--", *argv],
+            text=True,
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )
+        return done.stdout
+
+    return run
 
 
-def pods() -> list[str]:
-    out = run(["synchro", "status", "--pods", "-o", "json"], check=False)
-    if out.returncode == 0 and out.stdout.strip().startswith("["):
-        return [f"{p['namespace']}/{p['name']}" for p in json.loads(out.stdout)]
-    return [
-        "shop/frontend-0",
-        "shop/catalog-v1-0",
-        "shop/catalog-v1-1",
-        "shop/catalog-v2-0",
-        "shop/ratings-0",
-        "shop/ratings-flaky-0",
-        "shop/ratings-slow-0",
-        "shop/payments-0",
+def up(mesh: str, dashboard_port: int) -> dict[str, Any] | None:
+    """`synchro up`; its progress shows on stderr, its final state comes as JSON."""
+    argv = ["synchro", "up", str(shopstats.SHOP), "--mesh", mesh]
+    argv += ["--dashboard-port", str(dashboard_port), "-o", "json"]
+    done = subprocess.run(argv, text=True, stdout=subprocess.PIPE, timeout=600, check=False)
+    if done.returncode != 0:
+        return None
+    state: dict[str, Any] = json.loads(done.stdout)
+    return state
+
+
+def down_earlier_demo(mesh: str) -> None:
+    """A shop left up by an earlier `make demo` is replaced (anything else, `synchro up`
+    refuses with its own message)."""
+    from synchro.local import mesh as local
+
+    paths = local.MeshPaths(mesh)
+    info = local.read_info(paths) if paths.info.exists() else {}
+    if info.get("directory") == str(shopstats.SHOP):
+        print(f"== synchro down --mesh {mesh} (the shop of an earlier run)", flush=True)
+        subprocess.run(["synchro", "down", "--mesh", mesh, "-q"], timeout=120, check=False)
+
+
+def state_of(mesh: str) -> dict[str, Any]:
+    from synchro.local import mesh as local
+
+    return local.read_status(local.resolve_mesh(mesh)) or {}
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def pct(v: float | None) -> str:
+    return "-" if v is None else f"{100.0 * v:.1f}%"
+
+
+def render(fig: Figures, checks: Sequence[Check], denied: dict[str, Any]) -> str:
+    load = fig.load
+    lines = [
+        f"\n{load['requests']} checkouts in {load['seconds']} s "
+        f"({load['requests_per_second']}/s), each calling catalog, ratings and payments",
+        "",
+        "Per service: as callers saw it, with the mesh's retries, and as its Pods "
+        "answered every try, without them:",
+        f"  {'':16} {'-- with retries --':>16}   {'-- without (every try) --':>25}",
+        f"  {'SERVICE':16} {'REQ/S':>7} {'SUCCESS':>8}   {'TRIES/S':>7} {'SUCCESS':>8}"
+        f" {'RETRIES':>8}",
     ]
+    for s in fig.services:
+        tries_rps = s.tries / s.seconds if s.seconds else 0.0
+        lines.append(
+            f"  {s.service:16} {s.rps:7.1f} {pct(s.success):>8}   {tries_rps:7.1f} "
+            f"{pct(s.tries_success):>8} {int(s.retries):8d}"
+        )
+    split = ", ".join(f"{v} {p:.1f}%" for v, p in fig.canary.items())
+    lines += ["", f"Canary split of catalog (HTTPRoute 90/10): {split}", ""]
+    lines.append("mTLS on every edge (as the receiving proxy saw it):")
+    for e in fig.edges:
+        lines.append(
+            f"  {e.source:>10} -> {e.destination:20} {', '.join(e.security):12} "
+            f"{int(e.requests)} req"
+        )
+    lines += [
+        "",
+        "A call the AuthorizationPolicy refuses (catalog -> payments, gRPC):",
+        f"  {denied.get('status')}: {denied.get('details') or ''}".rstrip(),
+        "",
+        "Checks:",
+    ]
+    lines += [f"  {MARK[c.ok]} {c.name}: {c.detail}" for c in checks]
+    return "\n".join(lines)
 
 
-def scrape(pod: str) -> list[tuple[str, dict[str, str], float]]:
-    text = sh_exec(pod, "curl", "-s", "-m", "5", "http://127.0.0.1:15020/metrics", check=False)
-    samples = []
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "synchro_requests_total":
-                samples.append((pod, dict(s.labels), s.value))
-    return samples
-
-
-def pct(ok: float, total: float) -> str:
-    return f"{100.0 * ok / total:5.1f}%" if total else "   - "
-
-
-def summarise(samples: list[tuple[str, dict[str, str], float]]) -> None:
-    seen_by_caller: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    seen_by_pod: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    edges: dict[tuple[str, str], set[str]] = defaultdict(set)
-    for pod, labels, value in samples:
-        code = labels.get("response_code", "")
-        grpc_status = labels.get("grpc_status", "")
-        ok = value if (code and not code.startswith("5") and grpc_status in ("", "0")) else 0.0
-        service = labels.get("destination_service", "") or "?"
-        if labels.get("reporter") == "source":
-            seen_by_caller[service][0] += ok
-            seen_by_caller[service][1] += value
-        else:
-            seen_by_pod[pod][0] += ok
-            seen_by_pod[pod][1] += value
-            principal = labels.get("source_principal", "")
-            caller = labels.get("source_workload") or principal.rsplit("/sa/", 1)[-1] or "unknown"
-            edge = (caller, pod.split("/")[-1])
-            edges[edge].add(labels.get("connection_security_policy", "none"))
-    print("\nSuccess as callers see it (after the mesh's retries) and as each Pod answered:")
-    print(f"  {'service':38} {'requests':>8} {'success':>8}")
-    for service, (ok, total) in sorted(seen_by_caller.items()):
-        print(f"  {service:38} {int(total):8d} {pct(ok, total):>8}")
-    for pod, (ok, total) in sorted(seen_by_pod.items()):
-        print(f"  {'  pod ' + pod:38} {int(total):8d} {pct(ok, total):>8}")
-    print("\nmTLS on every edge (as the receiving proxy saw it):")
-    for (src, dst), policies in sorted(edges.items()):
-        print(f"  {src:>20} -> {dst:20} {', '.join(sorted(policies))}")
+def next_steps(mesh: str, dashboard: dict[str, Any]) -> str:
+    flag = "" if mesh == DEFAULT_MESH else f" --mesh {mesh}"
+    url = dashboard.get("url") or ""
+    if url:
+        where = f"{url}  ({'answering now' if answers(url) else 'NOT answering'})"
+    else:
+        where = f"not on this host: {dashboard.get('error') or 'disabled'}"
+    steps = [
+        (f"sudo synchro top{flag}", "live requests/s, success and latency per service"),
+        ("dashboard", where),
+        (f"sudo synchro status{flag}", "every proxy and its config version"),
+        (
+            f"sudo synchro explain shop/frontend-0 catalog.shop{flag}",
+            "route, weights, retries, mTLS, authz",
+        ),
+        (
+            f"sudo synchro explain shop/catalog-v1-0 payments.shop:50051 "
+            f"/shop.Payments/Charge -X POST -H content-type:application/grpc{flag}",
+            "why it is denied",
+        ),
+        (f"sudo synchro exec shop/frontend-0{flag} -- curl -s http://catalog.shop/", ""),
+        (f"sudo synchro logs shop/ratings-flaky-0 -c synchro-proxy{flag}", ""),
+        (
+            "edit examples/shop/25-catalog-canary.yaml",
+            "the new weights apply within 2 s",
+        ),
+        (f"sudo synchro down{flag}", "stop and remove everything"),
+    ]
+    body = "\n".join(f"  {cmd}\n      {what}" if what else f"  {cmd}" for cmd, what in steps)
+    return f"\nThe mesh is still up. Where to look next:\n{body}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=600)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--mesh", default=DEFAULT_MESH, help="local mesh name")
+    parser.add_argument("--dashboard-port", type=int, default=15014)
+    parser.add_argument(
+        "--attach", action="store_true", help="use the mesh that is up; do not run synchro up"
+    )
     args = parser.parse_args(argv)
 
-    print("== synchro up examples/shop")
-    up = subprocess.run(["synchro", "up", str(SHOP)], text=True, timeout=600)
-    if up.returncode != 0:
-        print(
-            "synchro up failed; see the message above (synchro logs POD for details)",
-            file=sys.stderr,
-        )
-        return up.returncode
+    if args.attach:
+        state = state_of(args.mesh)
+    else:
+        down_earlier_demo(args.mesh)
+        print("== synchro up examples/shop", flush=True)
+        started = up(args.mesh, args.dashboard_port)
+        if started is None:
+            print("synchro up failed; see the message above", file=sys.stderr)
+            return 1
+        state = started
+    refs = [p["ref"] for p in state.get("pods") or [] if p.get("ref", "").startswith("shop/")]
+    if "shop/frontend-0" not in refs or "shop/catalog-v1-0" not in refs:
+        print(f"the shop is not running in mesh {args.mesh!r}: {refs}", file=sys.stderr)
+        return 1
 
-    print(f"\n== driving {args.requests} checkouts through frontend (inside its Pod)")
-    load = json.loads(
-        sh_exec(
-            "shop/frontend-0",
-            sys.executable,
-            "-m",
-            "examples.load",
-            "--requests",
-            str(args.requests),
-            "--concurrency",
-            str(args.concurrency),
-        )
+    print(f"\n== {args.requests} checkouts through frontend (from inside its Pod)", flush=True)
+    pods = shopstats.Pods("shop/frontend-0", "shop/catalog-v1-0", tuple(refs))
+    run = shopstats.collect(
+        synchro_runner(args.mesh), pods, requests=args.requests, concurrency=args.concurrency
     )
-    print(
-        f"  {load['requests']} checkouts in {load['seconds']} s ({load['requests_per_second']}/s)"
-    )
-    versions: dict[str, int] = load["catalog_versions"]
-    total = sum(versions.values()) or 1
-    split = ", ".join(f"{v} {100 * n / total:.1f}%" for v, n in sorted(versions.items()))
-    print(f"  catalog canary split (HTTPRoute 90/10): {split}")
-    print(f"  ratings answers seen by frontend: {load['ratings_status']}")
-    print(f"  payments (gRPC) answers: {load['payments_status']}")
-
-    samples: list[tuple[str, dict[str, str], float]] = []
-    for pod in pods():
-        samples.extend(scrape(pod))
-    summarise(samples)
-
-    print("\n== a caller the AuthorizationPolicy does not allow: catalog -> payments")
-    denied = sh_exec("shop/catalog-v1-0", sys.executable, "-m", "examples.pay", check=False)
-    print(f"  {denied.strip() or 'no answer'}")
-
-    print(
-        "\nThe mesh is still up. Next:\n"
-        "  synchro status                      proxies and their config versions\n"
-        "  synchro top                         live golden metrics per service\n"
-        "  synchro exec shop/frontend-0 -- curl -s http://catalog.shop/\n"
-        "  synchro down                        stop and remove everything"
-    )
-    return 0
+    fig = run.figures()
+    checks = shopstats.checks(fig, run.allowed, run.denied)
+    print(render(fig, checks, run.denied))
+    print(next_steps(args.mesh, state.get("dashboard") or {}))
+    return 0 if all(c.ok for c in checks) else 1
 
 
 if __name__ == "__main__":

@@ -22,13 +22,4 @@ if ! python3 -c 'import synchro, grpc_health' >/dev/null 2>&1; then
     python3 -m pip install -q -e '.[dev]'
 fi
 
-if synchro up --help >/dev/null 2>&1; then
-    exec python3 -m examples.demo "$@"
-fi
-
-echo "== synchro up is not built yet; showing what is real today."
-echo "== 1. The webhook core injects the shop's Deployments (synchro inject):"
-synchro inject -f examples/shop/10-frontend.yaml | sed -n '1,200p' | grep -E 'name: synchro-|synchro.dev/status|image:|args:' | head -20
-echo "== 2. The init container's iptables rules for such a Pod (synchro-init --dry-run):"
-synchro-init --dry-run | head -40
-echo "== Not there yet: the local mesh (synchro up), traffic, mTLS and metrics. See README's status table."
+exec python3 -m examples.demo "$@"

@@ -217,14 +217,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     if status.get("phase") == "failed":
         raise CommandError(failure_message(status, name))
     flag = _mesh_flag(name)
+    steps = [
+        ("synchro exec NAMESPACE/POD -- CMD...", "run a command in a Pod"),
+        ("synchro logs NAMESPACE/POD [-c NAME]", "a container's log"),
+        (f"synchro status{flag}", "the proxies and their config"),
+        (f"synchro top{flag}", "requests/s, success and latency per service"),
+        (f"synchro down{flag}", "stop and remove everything"),
+    ]
     print(
         f"\nmesh {name!r} is up ({time.monotonic() - started:.1f}s); {dashboard_line(status)}\n"
-        f"Next:\n"
-        f"  synchro exec NAMESPACE/POD -- CMD...   run a command in a Pod\n"
-        f"  synchro logs NAMESPACE/POD [-c NAME]   a container's log\n"
-        f"  synchro status{flag:<25} the proxies and their config\n"
-        f"  synchro top{flag:<28} requests/s, success and latency per service\n"
-        f"  synchro down{flag:<27} stop and remove everything",
+        "Next:\n" + "\n".join(f"  {cmd:<38} {what}" for cmd, what in steps),
         file=out,
     )
     return 0
