@@ -247,8 +247,10 @@ class Pipe:
                     data = data[:size]
                     conn.send_data(sid, data)
                     chunk[0] = chunk[0][size:]
-                    chunk[1] -= size
-                    acked += size
+                    # A replayed or mirrored chunk owes the source nothing (0).
+                    owed = min(size, chunk[1])
+                    chunk[1] -= owed
+                    acked += owed
                 if self.sent_log is not None:
                     self._log(data)
             if not pending and self.ended and not self.done:

@@ -158,7 +158,7 @@ class Exchange:
             http_version="2",
             peer=ds.peer,
         )
-        down.telemetry.note_peer(self.rec, ds.peer_identity)
+        down.telemetry.note_peer(self.rec, ds.peer_identity, ds.upstream, ds.original_dst)
         if trace:
             self.request = replace_trace_headers(self.request, trace)
         self.headers = self.request  # of the current attempt
@@ -567,6 +567,7 @@ class Exchange:
     def up_data(self, data: bytes, flow_len: int, ended: bool) -> None:
         resp = self.resp
         assert resp is not None
+        self.rec.response_bytes += len(data)
         resp.feed(data, flow_len, ended)
 
     def up_trailers(self, headers: list[Header]) -> None:
@@ -777,11 +778,18 @@ class MirrorCopy:
             return
         pool = self.down.pool
         self.timer = pool.loop.call_later(MIRROR_TIMEOUT, self._timed_out)
-        conn = pool.ready(self.address)
-        if conn is not None:
-            self._send(conn, trailers)
-        else:
-            pool.connect(self.address).add_done_callback(lambda fut: self._connected(fut, trailers))
+        try:
+            conn = pool.ready(self.address)
+            if conn is not None:
+                self._send(conn, trailers)
+            else:
+                pool.connect(self.address).add_done_callback(
+                    lambda fut: self._connected(fut, trailers)
+                )
+        except Exception:
+            # Whatever goes wrong with a copy must not touch the client's connection.
+            log.exception("http2: mirror to %s failed", self.address)
+            self.drop()
 
     def _connected(
         self, fut: asyncio.Future[UpstreamConnection], trailers: list[Header] | None
@@ -966,6 +974,7 @@ class DownstreamConnection(Endpoint):
                 if ex is not None:
                     if ex.mirrors is not None:
                         ex.down_data(ev.data)
+                    ex.rec.request_bytes += len(ev.data)
                     ex.req.feed(ev.data, ev.flow_controlled_length, ev.stream_ended is not None)
                 else:
                     self.ack(ev.stream_id, ev.flow_controlled_length)
