@@ -202,6 +202,7 @@ class _Backend:
         "addresses",
         "connect_timeout",
         "endpoints",
+        "hash",
         "idle_timeout",
         "key",
         "meshed",
@@ -216,8 +217,12 @@ class _Backend:
         eps: tuple[pc.Endpoint, ...],
         state: ServiceState,
         timeouts: pc.Timeouts | None = None,
+        hash: pc.ConsistentHash | None = None,
     ):
         self.key = key
+        # The balancing service's own consistentHash: a route to this backend
+        # hashes by what the backend's policy names, not the parent's (Istio).
+        self.hash = hash
         self.port = port
         self.endpoints = [f"{e.ip}:{e.port}" for e in eps]
         self.addresses = {f"{e.ip}:{e.port}": Address(e.ip, e.port) for e in eps}
@@ -381,8 +386,9 @@ class Call:
         self.held_retry = False
         self.body_size: int | None = 0
         self.upstream = ""
-        # Pending request (maxPendingRequests): the queued wake-up, and whether a
-        # connection slot was handed to this call while it waited.
+        # Pending request (maxPendingRequests): the queued wake-up, and whether
+        # this call holds a connection slot between attempts (handed over while it
+        # waited, or kept from an answered attempt until the response is over).
         self.waiter: Callable[[], None] | None = None
         self.granted = False
 
@@ -528,7 +534,12 @@ class Call:
         ok = failure is None and (status is None or status < 500) and grpc_status in (None, 0, 1)
         st.balancer.on_end(key, now, max(now - self.started, 0.0), ok)
         if st.breaker is not None:
-            st.breaker.release(Resource.CONNECTIONS)
+            if failure is None:
+                # Answered: the connection stays busy until the response is over
+                # (`finish`), or the next attempt reuses the slot.
+                self.granted = True
+            else:
+                st.breaker.release(Resource.CONNECTIONS)
             if self.held_retry:
                 st.breaker.release(Resource.RETRIES)
                 self.held_retry = False
@@ -702,12 +713,15 @@ class Engine:
         svc = self.registry.service(key)
         if svc is None or svc.port(port) is None:
             return None
+        policy = svc.policy
+        lb = policy.load_balancer if policy is not None else None
         return _Backend(
             key,
             port,
             self.registry.ready_endpoints(key, port),
             self._service_state(svc),
-            svc.policy.timeouts if svc.policy is not None else None,
+            policy.timeouts if policy is not None else None,
+            lb.consistent_hash if lb is not None else None,
         )
 
     def _retry_policy(
@@ -984,8 +998,8 @@ class Engine:
             plan.caller.budget.on_request(now)
         if choice.rewrite is not None:
             self._rewrite(call, choice.rewrite, rp, target)
-        if plan.hash is not None:
-            call.hash_key = _hash_key(plan.hash, headers, peer)
+        if b.hash is not None:
+            call.hash_key = _hash_key(b.hash, headers, peer)
         if choice.mirrors:
             self._choose_mirrors(call, choice)
         out = self._with_deadline(call, headers, rp.request_timeout, now, grpc)

@@ -11,6 +11,7 @@ from proxy.engine import PENDING, Call, Engine, Reply
 from proxy.registry import Registry
 from proxy.traffic.breaker import BreakerLimits, CircuitBreaker, Resource
 from proxy.traffic.flags import Flag
+from proxy.traffic.retry import Failure
 
 VIP = "10.96.0.10"
 
@@ -92,6 +93,7 @@ def test_engine_pending_then_overflow_then_granted() -> None:
     assert isinstance(tcp_like.next_address(0.0), Reply)
     tcp_like.finish(0.0)
     first.result(0.1, status=200)
+    assert woken == []  # answered, but its connection is busy until the body is over
     first.finish(0.1)
     assert woken == [2]
     assert isinstance(second.next_address(0.1), Address)
@@ -100,6 +102,26 @@ def test_engine_pending_then_overflow_then_granted() -> None:
     second.result(0.2, status=200)
     second.finish(0.2)
     third.finish(0.2)
+    assert breaker.in_use == dict.fromkeys(Resource, 0)
+
+
+def test_failed_attempt_frees_its_slot_and_a_retry_reuses_a_kept_one() -> None:
+    policy = pc.TrafficPolicy(
+        circuit_breaker=pc.CircuitBreaker(max_connections=1, max_pending_requests=1),
+        retry=pc.RetryPolicy(attempts=2, retry_on=("5xx", "connect-failure")),
+    )
+    e = engine(policy)
+    c = call(e)
+    breaker = e.state.services["a/web"].breaker
+    assert breaker is not None
+    assert isinstance(c.next_address(0.0), Address)
+    pause = c.result(0.1, status=503)  # answered (kept the slot), retried
+    assert pause is not None
+    assert isinstance(c.next_address(0.2, lambda: None), Address)  # no queueing behind itself
+    assert breaker.in_use[Resource.CONNECTIONS] == 1
+    c.result(0.3, failure=Failure.CONNECT_FAILURE)
+    assert breaker.in_use[Resource.CONNECTIONS] == 0  # a failed connect holds nothing
+    c.finish(0.3)
     assert breaker.in_use == dict.fromkeys(Resource, 0)
 
 
