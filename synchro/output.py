@@ -48,7 +48,14 @@ class _Dumper(yaml.SafeDumper):
     """Block-style YAML; multi-line strings as `|` blocks so they stay readable."""
 
 
+# Line breaks to a YAML reader (1.1), which PyYAML would write raw in a single-
+# quoted or block scalar and read back as a space or a newline: keep them escaped.
+_YAML_BREAKS = frozenset("\x85\u2028\u2029")
+
+
 def _str_presenter(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    if not _YAML_BREAKS.isdisjoint(value):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
     if "\n" in value:
         return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|")
     return dumper.represent_scalar("tag:yaml.org,2002:str", value)

@@ -95,7 +95,7 @@ def register(subparsers: Any) -> None:
         "exec",
         help="run a command inside a Pod of the local mesh",
         description=__doc__,
-        epilog="examples:\n  synchro exec shop/frontend-0 -- curl -s http://catalog.shop:8080/\n"
+        epilog="examples:\n  synchro exec shop/frontend-0 -- curl -s http://catalog.shop/\n"
         "  synchro exec web-0 -c app -- env\n"
         "  synchro exec shop/frontend-0 -c synchro-proxy -- curl -s localhost:15000/config_dump",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -24,6 +24,7 @@ COLUMNS = ("NAME", "WORKLOAD", "STATE", "VERSION", "CONNECTED", "LAST NACK")
 def _row(p: dict[str, Any]) -> tuple[str, ...]:
     nack = p.get("last_nack")
     nack_text = f"{nack.get('version', '')}: {nack.get('error', '')}" if nack else "-"
+    nack_text = " ".join(nack_text.split())  # one row per proxy, whatever the error says
     if len(nack_text) > 60:
         nack_text = nack_text[:57] + "..."
     return (
