@@ -674,7 +674,7 @@ class _Conn:
             http_version="1.1" if req.http11 else "1.0",
             peer=ds.peer,
         )
-        self.telemetry.note_peer(rec, ds.peer_identity)
+        self.telemetry.note_peer(rec, ds.peer_identity, ds.upstream, ds.original_dst)
         self.rec = rec
         call: Call | None = None
         try:

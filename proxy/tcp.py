@@ -178,6 +178,7 @@ async def serve(downstream: Downstream, ctx: ProxyContext) -> None:
         upstream_host=downstream.upstream,
         destination_service=call.service if isinstance(call, Call) else "",
         peer_identity=downstream.peer_identity,
+        local=downstream.original_dst,
     )
     try:
         if call is None:

@@ -450,6 +450,16 @@ def tcp_allowed(ctx: ProxyContext, downstream: Downstream) -> bool:
         return True
     if isinstance(authorize_tcp(ctx, downstream), authz.Deny):
         reset(downstream.writer)
+        # Counted and logged like any connection, with the denial's flag.
+        rec = ctx.telemetry.tcp_open(
+            downstream.direction,
+            peer=downstream.peer,
+            upstream_host=downstream.upstream,
+            peer_identity=downstream.peer_identity,
+            local=downstream.original_dst,
+        )
+        rec.flags = Flag.UNAUTHORIZED.value
+        ctx.telemetry.tcp_close(rec)
         return False
     return True
 

@@ -102,7 +102,7 @@ class MeshSecurity:
         self.policies: tuple[authz.Policy, ...] = ()
         # For tests and tools without an enrollment: material set directly.
         self.static_material: TLSMaterial | None = None
-        self._described: dict[str, tuple[str, str, str] | None] = {}
+        self._described: dict[str, tuple[str, str, str, str] | None] = {}
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], controller: str = "") -> MeshSecurity | None:
@@ -180,8 +180,8 @@ class MeshSecurity:
         config = self.config
         return config.workload.identity if config and config.workload.identity else None
 
-    def describe_upstream(self, host_port: str) -> tuple[str, str, str] | None:
-        """(workload, namespace, SPIFFE ID) of the Pod at `host_port` ("ip:port",
+    def describe_upstream(self, host_port: str) -> tuple[str, str, str, str] | None:
+        """(service, workload, namespace, SPIFFE ID) of the Pod at `host_port` ("ip:port",
         as the traffic engine names endpoints), from the pushed endpoints; None
         when it is no known Pod. Remembered until the next config."""
         try:
@@ -198,7 +198,7 @@ class MeshSecurity:
                 hit = None
             if isinstance(hit, ToEndpoint) and hit.endpoint.pod:
                 namespace, _, pod = hit.endpoint.pod.partition("/")
-                found = (workload_name(pod), namespace, hit.endpoint.identity)
+                found = (hit.service.key, workload_name(pod), namespace, hit.endpoint.identity)
         if len(self._described) < 10_000:  # bounded by the mesh's Pods anyway
             self._described[host_port] = found
         return found

@@ -26,6 +26,8 @@ def as_dict(r: RequestRecord) -> dict[str, object]:
         "time": _iso(r.start_time),
         "reporter": r.reporter,
         "protocol": r.protocol,
+        "http_version": r.http_version or None,
+        "downstream_peer": r.peer_address or None,
         "method": r.method or None,
         "authority": r.authority or None,
         "path": r.path or None,
@@ -37,9 +39,13 @@ def as_dict(r: RequestRecord) -> dict[str, object]:
         "duration_ms": round(r.duration * 1000, 3),
         "upstream_host": r.upstream_host or None,
         "route": r.route or None,
+        "source_workload": r.source_workload or None,
+        "source_namespace": r.source_namespace or None,
         "source_principal": r.source_principal or None,
-        "destination_principal": r.destination_principal or None,
         "destination_service": r.destination_service or None,
+        "destination_workload": r.destination_workload or None,
+        "destination_principal": r.destination_principal or None,
+        "connection_security_policy": r.security_policy,
         "request_id": r.request_id or None,
         "trace_id": r.trace_id or None,
     }
@@ -49,17 +55,39 @@ def format_json(r: RequestRecord) -> str:
     return json.dumps(as_dict(r), separators=(",", ":"))
 
 
+TEXT_FIELDS = (
+    "time",
+    "method path protocol",
+    "status",
+    "grpc_status",
+    "response_flags",
+    "bytes_received",
+    "bytes_sent",
+    "duration_ms",
+    "authority",
+    "upstream_host",
+    "route",
+    "peer_principal",
+    "request_id",
+    "trace_id",
+)
+
+
 def format_text(r: RequestRecord) -> str:
-    """Envoy's default text shape, roughly: time "METHOD PATH PROTO" status flags ..."""
+    """Envoy's default text shape, fields in TEXT_FIELDS' order:
+    `[time] "METHOD PATH PROTOCOL" status grpc flags in out ms "authority"
+    "upstream" "route" "peer" "request id" "trace id"`; `-` for none. The peer is
+    the other side's SPIFFE ID: the caller inbound, the callee outbound."""
     if r.protocol == "tcp":
         head = '"- - TCP"'
     else:
-        head = f'"{r.method} {r.path} {r.protocol.upper()}"'
+        head = f'"{r.method} {r.path} HTTP/{r.http_version or "1.1"}"'
+    peer = r.source_principal if r.reporter == "destination" else r.destination_principal
     return (
-        f"[{_iso(r.start_time)}] {head} {r.status or '-'} {r.flags} "
+        f"[{_iso(r.start_time)}] {head} {r.status or '-'} {r.grpc_status or '-'} {r.flags} "
         f"{r.request_bytes} {r.response_bytes} {round(r.duration * 1000)} "
-        f'"{r.upstream_host or "-"}" "{r.route or "-"}" "{r.source_principal or "-"}" '
-        f'"{r.request_id or "-"}" "{r.trace_id or "-"}"'
+        f'"{r.authority or "-"}" "{r.upstream_host or "-"}" "{r.route or "-"}" '
+        f'"{peer or "-"}" "{r.request_id or "-"}" "{r.trace_id or "-"}"'
     )
 
 

@@ -64,7 +64,8 @@ TRACE_HEADER_NAMES: Final = frozenset(
 _REQUEST_ID: Final = b"x-request-id"
 _USER_AGENT: Final = b"user-agent"
 _CONTENT_TYPE: Final = b"content-type"
-_INTERESTING: Final = TRACE_HEADER_NAMES | {_REQUEST_ID, _USER_AGENT, _CONTENT_TYPE}
+_HOST: Final = b"host"
+_INTERESTING: Final = TRACE_HEADER_NAMES | {_REQUEST_ID, _USER_AGENT, _CONTENT_TYPE, _HOST}
 _OUTBOUND_NAMES: Final = frozenset({"source", "outbound"})
 
 # Metadata exchange, the small part of Istio's that metrics need: the caller's
@@ -313,9 +314,9 @@ class Telemetry:
         ok = bool(_WORKLOAD_VALUE.fullmatch(workload))
         self._peer_field: Header | None = (PEER_WORKLOAD, workload) if ok else None
         self._peer_line = PEER_WORKLOAD + b": " + workload + b"\r\n" if ok else b""
-        # Who an upstream address is (workload, namespace, SPIFFE ID), from the
+        # Who an address is (service, workload, namespace, SPIFFE ID), from the
         # pushed endpoints; the security runtime sets it (see `describe_destination`).
-        self.describe_upstream: Callable[[str], tuple[str, str, str] | None] | None = None
+        self.describe_upstream: Callable[[str], tuple[str, str, str, str] | None] | None = None
 
     @classmethod
     def disabled(cls) -> Telemetry:
@@ -390,11 +391,26 @@ class Telemetry:
             return rec, []
         return rec, self._read_headers(rec, headers)
 
-    @staticmethod
-    def note_peer(rec: RequestRecord, peer_identity: str | None) -> None:
+    def note_peer(
+        self,
+        rec: RequestRecord,
+        peer_identity: str | None,
+        upstream: Address | None = None,
+        local: Address | None = None,
+    ) -> None:
         """On the inbound side, record who called over mTLS (the verified SPIFFE
-        ID) and that the connection was mutual TLS; plaintext callers stay unknown."""
-        if rec.reporter != "destination" or not peer_identity:
+        ID) and that the connection was mutual TLS; plaintext callers stay unknown.
+        `upstream`: where the request goes (the app); `local`: the address the
+        caller dialled (this Pod's IP and port), which names the Service."""
+        if rec.reporter != "destination":
+            return
+        if upstream is not None and self._enabled:
+            rec.upstream_host = str(upstream)
+        if local is not None and not rec.destination_service and self.describe_upstream:
+            found = self.describe_upstream(str(local))
+            if found is not None:
+                rec.destination_service = found[0]
+        if not peer_identity:
             return
         rec.source_principal = peer_identity
         rec.security_policy = "mutual_tls"
@@ -456,7 +472,10 @@ class Telemetry:
             return
         found = self.describe_upstream(rec.upstream_host)
         if found is not None:
-            rec.destination_workload, rec.destination_namespace, rec.destination_principal = found
+            service, rec.destination_workload, rec.destination_namespace, principal = found
+            rec.destination_principal = principal
+            if not rec.destination_service:
+                rec.destination_service = service
 
     def _record(self, direction: Direction | str, protocol: str, service: str) -> RequestRecord:
         if isinstance(direction, Direction):
@@ -489,6 +508,8 @@ class Telemetry:
                 traced = traced or lowered in TRACE_HEADER_NAMES
         if rec.protocol == "http" and found.get("content-type", "").startswith("application/grpc"):
             rec.protocol = "grpc"
+        if not rec.authority and "host" in found:  # HTTP/1 names it in Host
+            rec.authority = found["host"]
         out: list[Header] = []
         request_id = found.get("x-request-id")
         if request_id is None:
@@ -562,11 +583,13 @@ class Telemetry:
         upstream_host: Address | str | None = None,
         destination_service: str = "",
         peer_identity: str | None = None,
+        local: Address | None = None,
     ) -> RequestRecord:
         """A record for an opaque TCP connection; counts it opened. The peer's
-        mTLS identity labels both the opened and the closed counts."""
+        mTLS identity labels both the opened and the closed counts; `local` (the
+        address dialled, inbound) names the destination Service."""
         rec = self._record(direction, "tcp", destination_service)
-        self.note_peer(rec, peer_identity)
+        self.note_peer(rec, peer_identity, local=local)
         if peer is not None:
             rec.peer_address = str(peer)
         if upstream_host is not None:

@@ -84,7 +84,7 @@ def test_access_log_json_and_text() -> None:
         assert key in data, key
     assert data["status"] == 200 and data["path"] == "/items/1" and data["duration_ms"] == 12.0
     text = format_text(rec)
-    assert '"GET /items/1 HTTP"' in text and " 200 - " in text and "abc" in text
+    assert '"GET /items/1 HTTP/1.1"' in text and " 200 - " in text and "abc" in text
 
 
 def test_access_log_off_and_bad_format(caplog: pytest.LogCaptureFixture) -> None:
