@@ -820,7 +820,7 @@ class _Conn:
         if not self.body_done:
             self.body_done = self._take_body(body, meta.chunked, req)
         call.body_size = sum(map(len, body)) if self.body_done else None
-        if call.mirrors and self.body_done:
+        if call.mirrors and call.body_size is not None and call.body_size <= MIRROR_BODY_LIMIT:
             self._mirror(call, head, body)
         while True:
             now = loop.time()

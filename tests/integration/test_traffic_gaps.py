@@ -193,7 +193,7 @@ def test_http1_pending_requests_wait_and_overflow_answers_503_uo(mesh: Mesh) -> 
     assert answers["pending"][0] == 200  # it waited for the connection, then got it
     assert answers["pending"][1] >= 0.9  # (its own 0.6 s behind the active one's)
     assert slow.hits == 2
-    assert sorted(times)[2] < 0.005, times  # the median: at once
+    assert sorted(times)[2] < 0.05, times  # the median: at once, not after the 0.6 s wait
     assert until(lambda: mesh.flags().count("UO") == 5)
     assert mesh.breaker() == {
         "maxConnections": 0,
