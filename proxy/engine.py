@@ -51,7 +51,7 @@ import bisect
 import logging
 import random
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, overload
 
@@ -104,6 +104,7 @@ _AUTHORITY: Final = b":authority"
 _PATH: Final = b":path"
 _COOKIE: Final = b"cookie"
 _DEADLINE_NAMES: Final = frozenset({_GRPC_TIMEOUT, _DEADLINE_MS})
+_NO_DEADLINE: Final = dl.Deadline(None)  # immutable: every call without one shares it
 
 
 class EngineError(ValueError):
@@ -295,6 +296,7 @@ class _ServicePlan:
     needs_host: bool  # a redirect needs the request's host
     # Route matches by (method, target) when no route looks at headers; bounded.
     matched: dict[tuple[bytes, bytes], _RoutePlan]
+    key: str  # service.key, which is built anew on every access
 
 
 def fault_policy(fi: pc.FaultInjection | None) -> fl.FaultPolicy | None:
@@ -367,7 +369,7 @@ class Call:
         self.retry: RetryPolicy | None = None
         self.backoff_base = 0.025
         self.per_try: float | None = None
-        self.deadline = dl.Deadline(None)
+        self.deadline = _NO_DEADLINE
         self.had_deadline_header = False
         self.grpc = False
         self.method = "GET"
@@ -376,7 +378,7 @@ class Call:
         self.response_ops: _HeaderOps | None = None
         self.target: bytes | None = None  # rewritten path (and query)
         self.authority: bytes | None = None  # rewritten host
-        self.mirrors: list[Address] = []
+        self.mirrors: Sequence[Address] = ()
         self.delay = 0.0
         self.flag_set: set[Flag] = set()
         self.attempts = 0
@@ -437,7 +439,8 @@ class Call:
 
     @property
     def flags(self) -> str:
-        return render(self.flag_set)
+        fs = self.flag_set
+        return render(fs) if fs else "-"
 
     # -- attempts ------------------------------------------------------------------------
 
@@ -467,7 +470,8 @@ class Call:
         `PENDING`, and `wait` is called once a slot is this call's; then ask
         again. Beyond maxPendingRequests it fails at once (503, UO). Without
         `wait` (opaque TCP) a full connection limit fails at once."""
-        if self.deadline.expired(now):
+        at = self.deadline.at
+        if at is not None and now >= at:
             return self.deadline_reply()
         if self.fixed is not None:
             self.attempts += 1
@@ -477,7 +481,8 @@ class Call:
         b = self.backend
         assert b is not None
         st = b.state
-        eps, _panic = st.healthy(b.endpoints, now)
+        # (`healthy` has nothing to do while no detector has ejected anything.)
+        eps = b.endpoints if now >= st.plain_after else st.healthy(b.endpoints, now)[0]
         key = st.balancer.pick(eps, now, self.engine.rng, hash_key=self.hash_key, avoid=self.tried)
         if key is None:
             self.flag_set.add(Flag.NO_HEALTHY_UPSTREAM)
@@ -532,7 +537,8 @@ class Call:
         assert b is not None
         st = b.state
         ok = failure is None and (status is None or status < 500) and grpc_status in (None, 0, 1)
-        st.balancer.on_end(key, now, max(now - self.started, 0.0), ok)
+        latency = now - self.started
+        st.balancer.on_end(key, now, latency if latency > 0.0 else 0.0, ok)
         if st.breaker is not None:
             if failure is None:
                 # Answered: the connection stays busy until the response is over
@@ -548,6 +554,8 @@ class Call:
             gateway_status = status
             if grpc_status == 14 and (status is None or status < 500):
                 gateway_status = 503  # UNAVAILABLE: the gRPC spelling of 503
+            elif failure is None:
+                pass
             elif failure is Failure.TIMEOUT:
                 gateway_status = 504
             elif failure is Failure.RESET:
@@ -576,7 +584,10 @@ class Call:
         """Record one attempt's outcome; the backoff before the next attempt, or
         None when this outcome is final (answer it, or fail with `failure`)."""
         self._end_attempt(now, status, failure, grpc_status)
-        if failure is Failure.CONNECT_FAILURE:
+        if failure is None:
+            if (status is None or status < 400) and not grpc_status:
+                return None  # the common case: done
+        elif failure is Failure.CONNECT_FAILURE:
             self.flag_set.add(Flag.UPSTREAM_CONNECT_FAILURE)
         elif failure is Failure.TIMEOUT:
             self.flag_set.add(Flag.UPSTREAM_TIMEOUT)
@@ -585,8 +596,6 @@ class Call:
         policy = self.retry
         if policy is None or self.fixed is not None:
             return None
-        if failure is None and (status is None or status < 400) and not grpc_status:
-            return None  # the common case: done
         if not retriable_outcome(policy, status=status, grpc_status=grpc_status, failure=failure):
             return None
         if self.deadline.expired(now):
@@ -631,12 +640,16 @@ class Call:
             self._end_attempt(now, None, None, None)
         if self.waiter is not None or self.granted:
             self.cancel_wait()
-        if self.held_retry and self.backend is not None and self.backend.state.breaker:
-            self.backend.state.breaker.release(Resource.RETRIES)
-            self.held_retry = False
         b = self.backend
-        if b is not None and b.state.breaker is not None and self.fixed is None:
-            b.state.breaker.release(Resource.REQUESTS)
+        if b is None:
+            return
+        br = b.state.breaker
+        if br is not None:
+            if self.held_retry:
+                br.release(Resource.RETRIES)
+                self.held_retry = False
+            if self.fixed is None:
+                br.release(Resource.REQUESTS)
         self.backend = None
 
 
@@ -660,6 +673,8 @@ class Engine:
         self.version = ""
         self._resolved: dict[tuple[str, int], object] = {}
         self._plans: dict[tuple[str, int], _ServicePlan] = {}
+        # Outbound (ip, port) -> the plan of the service port it names: one lookup per request.
+        self._dst_plans: dict[tuple[str, int], _ServicePlan] = {}
         self._inbound: dict[int, _InboundPlan | None] = {}
         self._limiters: dict[str, tuple[pc.RateLimit, RateLimiter]] = {}
         self.mirrors_in_flight = 0
@@ -675,6 +690,7 @@ class Engine:
         self.version = registry.version
         self._resolved = {}
         self._plans = {}
+        self._dst_plans = {}
         self._inbound = {}
         self.state.retain({s.key for s in registry.config.services})
 
@@ -851,6 +867,7 @@ class Engine:
             ),
             matched={},
             routes={},
+            key=svc.key,
             default=self._route_plan(svc, port, None, own),
             caller=caller,
             hash=lb.consistent_hash if lb is not None else None,
@@ -882,9 +899,16 @@ class Engine:
             return None
         if direction is Direction.INBOUND:
             return self._inbound_request(dst, now, grpc, peer, source)
+        plan = self._dst_plans.get((dst.host, dst.port))
+        if plan is not None:
+            return self._service_call(plan, method, target, headers, now, grpc, peer)
         res = self._resolve(dst)
         if type(res) is ToService:
-            return self._service_call(res, method, target, headers, now, grpc, peer)
+            plan = self._plan(res.service, res.port.port)
+            if len(self._dst_plans) > 65536:
+                self._dst_plans.clear()  # bounded whatever the destinations
+            self._dst_plans[(dst.host, dst.port)] = plan
+            return self._service_call(plan, method, target, headers, now, grpc, peer)
         if type(res) is Passthrough:
             return None
         if type(res) is Refuse:
@@ -926,7 +950,7 @@ class Engine:
 
     def _service_call(
         self,
-        res: ToService,
+        plan: _ServicePlan,
         method: bytes,
         target: bytes,
         headers: list[Header],
@@ -934,8 +958,6 @@ class Engine:
         grpc: bool,
         peer: Address | None,
     ) -> Call | Reply:
-        svc = res.service
-        plan = self._plan(svc, res.port.port)
         rp = plan.default
         host = b""
         if plan.table is not None:
@@ -954,10 +976,10 @@ class Engine:
                 view = RequestView.from_target(
                     method.decode("latin-1"), target.decode("latin-1"), hdrs
                 )
-                matched = plan.table.match(view, res.port.port)
+                matched = plan.table.match(view, plan.port)
                 if matched is None:
                     return Reply(
-                        404, f"no route of {svc.key} matches", Flag.NO_ROUTE, grpc_status=12
+                        404, f"no route of {plan.key} matches", Flag.NO_ROUTE, grpc_status=12
                     )
                 rp = plan.routes[id(matched)]
                 if not plan.needs_headers:
@@ -970,7 +992,7 @@ class Engine:
         if len(rp.choices) > 1:
             i = bisect.bisect_right(rp.cumulative, self.rng.random() * rp.cumulative[-1])
         choice = rp.choices[i]
-        call = Call(self, service=svc.key, route=rp.name)
+        call = Call(self, service=plan.key, route=rp.name)
         call.method = method.decode("latin-1")
         if choice.redirect is not None:
             return self._redirect(choice.redirect, rp, target, host)
@@ -1034,13 +1056,15 @@ class Engine:
             call.target = (new + sep + query).encode("latin-1")
 
     def _choose_mirrors(self, call: Call, choice: _Choice) -> None:
+        mirrors: list[Address] = []
         for mirror, backend in choice.mirrors:
             if backend is None or not backend.endpoints:
                 continue
             if mirror.percent < 100.0 and self.rng.random() * 100.0 >= mirror.percent:
                 continue
             key = backend.endpoints[self.rng.randrange(len(backend.endpoints))]
-            call.mirrors.append(backend.addresses[key])
+            mirrors.append(backend.addresses[key])
+        call.mirrors = mirrors
 
     def mirror_slot(self) -> bool:
         """Fire-and-forget copies are bounded: beyond the limit they are skipped."""

@@ -69,7 +69,7 @@ class _Chooser(_InFlight):
         hash_key: bytes | None = None,
         avoid: Collection[str] = (),
     ) -> str | None:
-        cands = _candidates(endpoints, avoid)
+        cands = _candidates(endpoints, avoid) if avoid else endpoints
         if len(cands) <= 1:
             return cands[0] if cands else None
         return self._choose(cands, now, rng)
@@ -81,9 +81,20 @@ class _Chooser(_InFlight):
         self, cands: Sequence[str], rng: random.Random, score: Callable[[str], float]
     ) -> str:
         """Power of two choices: the better-scoring of two distinct random picks."""
-        a, b = rng.sample(range(len(cands)), 2)
-        ea, eb = cands[a], cands[b]
+        ea, eb = _two_distinct(cands, rng)
         return ea if score(ea) <= score(eb) else eb
+
+
+def _two_distinct(cands: Sequence[str], rng: random.Random) -> tuple[str, str]:
+    """Two distinct candidates, uniformly over ordered pairs (so that a tie in the
+    comparison goes either way). Two `random()` draws: `rng.sample` costs several
+    Python calls, on every request."""
+    n = len(cands)
+    a = int(rng.random() * n)
+    b = int(rng.random() * (n - 1))
+    if b >= a:
+        b += 1
+    return cands[a], cands[b]
 
 
 class RoundRobin(_Chooser):
@@ -141,21 +152,31 @@ class PeakEwma(_Chooser):
 
     def score(self, endpoint: str, now: float) -> float:
         in_flight = self.outstanding.get(endpoint, 0)
-        if in_flight == 0 and endpoint not in self._ewma:
-            return 0.0
-        return self.estimate(endpoint, now) * (in_flight + 1)
-
-    def on_end(self, endpoint: str, now: float, latency: float, ok: bool) -> None:
-        super().on_end(endpoint, now, latency, ok)
         state = self._ewma.get(endpoint)
         if state is None:
-            self._ewma[endpoint] = _Ewma(cost=max(latency, 0.0), stamp=now)
+            return 0.0 if in_flight == 0 else self.default_rtt * (in_flight + 1)
+        return state.cost * (in_flight + 1)
+
+    def on_end(self, endpoint: str, now: float, latency: float, ok: bool) -> None:
+        # _InFlight.on_end, inlined: this runs once per attempt.
+        outstanding = self.outstanding
+        n = outstanding.get(endpoint, 0) - 1
+        if n > 0:
+            outstanding[endpoint] = n
+        else:
+            outstanding.pop(endpoint, None)
+        state = self._ewma.get(endpoint)
+        if state is None:
+            self._ewma[endpoint] = _Ewma(cost=latency if latency > 0.0 else 0.0, stamp=now)
             return
         if latency > state.cost:
             state.cost = latency
         else:
-            w = math.exp(-max(now - state.stamp, 0.0) / self.decay)
-            state.cost = state.cost * w + latency * (1.0 - w)
+            elapsed = now - state.stamp
+            if elapsed > 0.0:
+                w = math.exp(-elapsed / self.decay)
+                state.cost = state.cost * w + latency * (1.0 - w)
+            # else: w = 1 (no time passed), the estimate stays as it is
         state.stamp = now
 
     def forget(self, keep: Collection[str]) -> None:
@@ -164,7 +185,8 @@ class PeakEwma(_Chooser):
             del self._ewma[key]
 
     def _choose(self, cands: Sequence[str], now: float, rng: random.Random) -> str:
-        return self._two_choices(cands, rng, lambda e: self.score(e, now))
+        ea, eb = _two_distinct(cands, rng)
+        return ea if self.score(ea, now) <= self.score(eb, now) else eb
 
 
 def _hash64(data: bytes) -> int:

@@ -94,14 +94,16 @@ class OutlierDetector:
         total_endpoints: int,
     ) -> bool:
         """Record one attempt's outcome; True if it ejected the endpoint."""
-        st = self._state(endpoint)
+        st = self._states.get(endpoint)
+        if st is None:
+            st = self._states[endpoint] = _State()
         st.window_total += 1
-        gateway = connect_failure or status in (502, 503, 504)
-        is_5xx = connect_failure or (status is not None and status >= 500)
-        if not is_5xx:
+        if not connect_failure and (status is None or status < 500):
             st.window_ok += 1
-            st.consecutive_5xx = st.consecutive_gateway = 0
+            if st.consecutive_5xx or st.consecutive_gateway:
+                st.consecutive_5xx = st.consecutive_gateway = 0
             return False
+        gateway = connect_failure or status in (502, 503, 504)
         st.consecutive_5xx += 1
         st.consecutive_gateway = st.consecutive_gateway + 1 if gateway else 0
         if self.is_ejected(endpoint, now):

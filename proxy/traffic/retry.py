@@ -4,6 +4,7 @@ off, and the per-service retry budget that stops retry storms."""
 from __future__ import annotations
 
 import enum
+import math
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -131,7 +132,8 @@ def backoff(
 class RetryBudget:
     """Retries allowed <= ratio x requests + min_per_second x window, over a
     sliding `window` (Linkerd's budget). Counts are bucketed per second so
-    memory is bounded whatever the request rate."""
+    memory is bounded whatever the request rate; running totals and the time
+    of the next bucket change make counting a request O(1)."""
 
     def __init__(
         self, *, ratio: float = 0.2, min_per_second: float = 10.0, window: float = 10.0
@@ -142,24 +144,47 @@ class RetryBudget:
         self.min_per_second = min_per_second
         self.window = window
         self._buckets: deque[list[float]] = deque()  # [second, requests, retries]
+        self._requests = 0.0  # sums over _buckets
+        self._retries = 0.0
+        # Until this time (and from the current bucket's second on) no bucket
+        # expires and no new one starts: the current bucket takes the count.
+        self._steady_until = -math.inf
 
     def _bucket(self, now: float) -> list[float]:
+        buckets = self._buckets
+        if buckets and buckets[-1][0] <= now < self._steady_until:
+            return buckets[-1]
         second = float(int(now))
-        while self._buckets and self._buckets[0][0] <= now - self.window:
-            self._buckets.popleft()
-        if not self._buckets or self._buckets[-1][0] != second:
-            self._buckets.append([second, 0.0, 0.0])
-        return self._buckets[-1]
+        while buckets and buckets[0][0] <= now - self.window:
+            old = buckets.popleft()
+            self._requests -= old[1]
+            self._retries -= old[2]
+        if not buckets:
+            self._requests = self._retries = 0.0  # no rounding residue when empty
+        if not buckets or buckets[-1][0] != second:
+            buckets.append([second, 0.0, 0.0])
+        current = buckets[-1]
+        # The oldest bucket leaves once now - window reaches its second. (int()
+        # truncates towards zero: before 0 the fast path would disagree.)
+        self._steady_until = (
+            min(current[0] + 1.0, buckets[0][0] + self.window) if current[0] >= 0 else -math.inf
+        )
+        return current
+
+    def configure(self, *, ratio: float, min_per_second: float, window: float) -> None:
+        """New settings; what was counted stays."""
+        self.ratio, self.min_per_second, self.window = ratio, min_per_second, window
+        self._steady_until = -math.inf  # the window may have shrunk: recheck expiry
 
     def on_request(self, now: float) -> None:
         self._bucket(now)[1] += 1
+        self._requests += 1
 
     def try_withdraw(self, now: float) -> bool:
         """Spend one retry if the budget allows it."""
         current = self._bucket(now)
-        requests = sum(b[1] for b in self._buckets)
-        retries = sum(b[2] for b in self._buckets)
-        if retries + 1 > self.ratio * requests + self.min_per_second * self.window:
+        if self._retries + 1 > self.ratio * self._requests + self.min_per_second * self.window:
             return False
         current[2] += 1
+        self._retries += 1
         return True

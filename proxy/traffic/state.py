@@ -11,6 +11,7 @@ Pure: the clock is an argument, no I/O.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -82,6 +83,7 @@ class ServiceState:
         "lb_kind",
         "next_sweep",
         "outlier",
+        "plain_after",
     )
 
     def __init__(self, lb_kind: str) -> None:
@@ -95,6 +97,10 @@ class ServiceState:
         # No endpoint can be ejected from this time on (until the next ejection):
         # until then `healthy` must ask the detector, after it, it need not.
         self.clear_after = 0.0
+        # From this time on `healthy` returns the endpoints unchanged and has
+        # nothing to do (no detector, or nothing ejected and no sweep to run):
+        # the engine skips the call then.
+        self.plain_after = -math.inf
         self.endpoints: frozenset[str] = frozenset()
 
     def reconfigure(
@@ -117,6 +123,7 @@ class ServiceState:
                 self.outlier = OutlierDetector(policy)
             elif self.outlier.policy != policy:
                 self.outlier.policy = policy
+        self._update_plain_after()
         if breaker is None:
             if self.breaker is not None:
                 self.breaker.wake_all()  # nobody may wait for a limit that is gone
@@ -131,11 +138,10 @@ class ServiceState:
         settings = BudgetSettings.of(budget)
         if settings != self.budget_settings:
             self.budget_settings = settings
-            b = self.budget
-            b.ratio, b.min_per_second, b.window = (
-                settings.ratio,
-                settings.min_per_second,
-                settings.window,
+            self.budget.configure(
+                ratio=settings.ratio,
+                min_per_second=settings.min_per_second,
+                window=settings.window,
             )
         keep = frozenset(endpoints)
         if keep != self.endpoints:
@@ -151,6 +157,16 @@ class ServiceState:
         if p is not None:
             longest = max(p.max_ejection_time, p.base_ejection_time)
             self.clear_after = max(self.clear_after, now + longest)
+        self._update_plain_after()
+
+    def _update_plain_after(self) -> None:
+        od = self.outlier
+        if od is None:
+            self.plain_after = -math.inf
+        elif od.policy.success_rate_enabled:
+            self.plain_after = math.inf  # sweeps are due every interval
+        else:
+            self.plain_after = self.clear_after
 
     def healthy(self, endpoints: list[str], now: float) -> tuple[list[str], bool]:
         """Endpoints not ejected (all of them in panic mode) and whether we panic."""
