@@ -6,52 +6,24 @@ Needs `make kind-up` (cluster, image, deploy/ applied) and SYNCHRO_KIND=1.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.kind.kube import INJECT, Kubectl, KubectlError, get_json
+from tests.kind.kube import (
+    INJECT,
+    Kubectl,
+    KubectlError,
+    eventually,
+    get_json,
+    injected,
+    ready_containers,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-PROXY = "synchro-proxy"
-
-
-def ready_containers(pod: dict[str, Any]) -> tuple[int, int]:
-    """(ready, total) as `kubectl get pods` counts them: native sidecars included."""
-    spec, status = pod["spec"], pod.get("status", {})
-    sidecars = {
-        c["name"] for c in spec.get("initContainers", []) if c.get("restartPolicy") == "Always"
-    }
-    ready = sum(bool(c.get("ready")) for c in status.get("containerStatuses", []))
-    ready += sum(
-        bool(c.get("ready"))
-        for c in status.get("initContainerStatuses", [])
-        if c["name"] in sidecars
-    )
-    return ready, len(spec["containers"]) + len(sidecars)
-
-
-def injected(pod: dict[str, Any]) -> bool:
-    names = [c["name"] for c in pod["spec"].get("containers", [])]
-    names += [c["name"] for c in pod["spec"].get("initContainers", [])]
-    return PROXY in names and "synchro.dev/status" in pod["metadata"].get("annotations", {})
-
-
-def eventually(check: Any, *, within: float, what: str) -> Any:
-    # Waiting for the cluster to converge, not a speed assertion.
-    deadline = time.monotonic() + within
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            return check()
-        except AssertionError as e:
-            last = e
-            time.sleep(2)
-    raise AssertionError(f"{what} did not happen within {within:.0f}s: {last}")
 
 
 def curl_echo(kubectl: Kubectl, namespace: str) -> dict[str, str]:
