@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -177,6 +178,16 @@ def wait_probe(pod: Pod, step: Step, probe: Probe, proc: Process | None, timeout
     )
 
 
+def node_allocatable() -> dict[str, str]:
+    """This machine as the one node: its CPUs and memory, as Kubernetes quantities."""
+    out = {"cpu": str(os.cpu_count() or 1)}
+    with contextlib.suppress(ValueError, OSError):
+        out["memory"] = str(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    with contextlib.suppress(OSError):
+        out["ephemeral-storage"] = str(shutil.disk_usage("/").total)
+    return out
+
+
 def _prepare_volumes(
     node: Node, pod_name: str, spec: Mapping[str, Any], files: Mapping[str, Mapping[str, str]]
 ) -> dict[str, str]:
@@ -232,6 +243,7 @@ def start_pod(
             host_ip=str(node.gateway),
             uid=f"local-{node.prefix}-{pod_name}",
             volumes=_prepare_volumes(node, key, spec, volume_files or {}),
+            allocatable=node_allocatable(),
         )
         plan = plan_pod(pod, ctx, env_overrides)
         running = Pod(pod_name, ns, net, plan, pod)

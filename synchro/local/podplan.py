@@ -10,12 +10,14 @@ and probes. Images are ignored: the local runtime runs commands only.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from proxy import ports
+from webhook.annotations import quantity_value
 
 INIT = "init"
 SIDECAR = "sidecar"
@@ -39,6 +41,9 @@ class PodContext:
     uid: str = ""
     # volume name -> local directory standing in for it
     volumes: Mapping[str, str] = field(default_factory=dict)
+    # The node's allocatable resources ("cpu", "memory", ... as quantities): what
+    # the downward API gives for a limit the container does not set.
+    allocatable: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,50 @@ def _field_ref(path: str, pod: Mapping[str, Any], ctx: PodContext, where: str) -
     raise PodSpecError(f"{where}: fieldRef {path!r} is not supported locally")
 
 
+def _resource_ref(
+    ref: Any, container: Mapping[str, Any], pod: Mapping[str, Any], ctx: PodContext, where: str
+) -> str:
+    """The downward API's `resourceFieldRef`: a container's request or limit in
+    units of `divisor`, rounded up; an unset limit is the node's allocatable, an
+    unset request the limit (Kubernetes defaulting) or 0."""
+    here = f"{where}.valueFrom.resourceFieldRef"
+    if not isinstance(ref, Mapping):
+        raise PodSpecError(f"{here}: expected an object")
+    kind, _, resource = str(ref.get("resource", "")).partition(".")
+    if kind not in ("limits", "requests") or not resource:
+        raise PodSpecError(
+            f"{here}.resource: {ref.get('resource')!r} is not limits.<name> or requests.<name>"
+        )
+    name = ref.get("containerName") or container.get("name")
+    target = next(
+        (
+            c
+            for key in ("containers", "initContainers")
+            for c in (pod.get("spec") or {}).get(key) or []
+            if isinstance(c, Mapping) and c.get("name") == name
+        ),
+        None,
+    )
+    if target is None:
+        raise PodSpecError(f"{here}.containerName: no container {name!r} in the Pod")
+    resources = target.get("resources") or {}
+    limits, requests = resources.get("limits") or {}, resources.get("requests") or {}
+    if kind == "limits":
+        text = limits.get(resource, ctx.allocatable.get(resource))
+    else:
+        text = requests.get(resource, limits.get(resource, "0"))
+    if text is None:
+        raise PodSpecError(f"{here}: {resource} has no limit and no node allocatable locally")
+    divisor = ref.get("divisor", "1")
+    try:
+        amount, unit = quantity_value(str(text)), quantity_value(str(divisor))
+    except ValueError as exc:
+        raise PodSpecError(f"{here}: {exc} is not a quantity") from None
+    if unit <= 0:
+        raise PodSpecError(f"{here}.divisor: must be positive")
+    return str(math.ceil(amount / unit))
+
+
 def _env(
     container: Mapping[str, Any],
     pod: Mapping[str, Any],
@@ -139,6 +188,8 @@ def _env(
             source = item["valueFrom"] or {}
             if "fieldRef" in source:
                 value = _field_ref(str(source["fieldRef"].get("fieldPath")), pod, ctx, here)
+            elif "resourceFieldRef" in source:
+                value = _resource_ref(source["resourceFieldRef"], container, pod, ctx, here)
             else:
                 kinds = ", ".join(sorted(source)) or "nothing"
                 raise PodSpecError(f"{here}.valueFrom: {kinds} is not supported locally")

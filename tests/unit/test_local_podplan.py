@@ -171,3 +171,37 @@ def test_paths_into_volumes_are_remapped_in_commands_scripts_env_and_hooks() -> 
     assert web.env["LONGER"] == "/var/local/run/application/main.py"
     assert web.pre_stop == ("/var/local/code/stop.sh",)
     assert web.cwd == "/var/local/code"
+
+
+def test_resource_field_refs_give_requests_and_limits_in_divisor_units() -> None:
+    ctx = PodContext(
+        name="web-1", namespace="demo", ip="10.0.0.1", allocatable={"cpu": "8", "memory": "16Gi"}
+    )
+
+    def ref(resource: str, **extra: str) -> dict[str, Any]:
+        return {"valueFrom": {"resourceFieldRef": {"resource": resource, **extra}}}
+
+    pod = manifest(
+        env=[
+            {"name": "CPU_LIMIT", **ref("limits.cpu")},
+            {"name": "CPU_REQUEST", **ref("requests.cpu")},
+            {"name": "CPU_MILLI", **ref("requests.cpu", divisor="1m")},
+            {"name": "MEM_MI", **ref("requests.memory", divisor="1Mi")},
+            {"name": "MEM_LIMIT", **ref("limits.memory")},
+            {"name": "SIDE_CPU", **ref("limits.cpu", containerName="side")},
+            {"name": "SIDE_MEM_REQ", **ref("requests.memory", containerName="side", divisor="1Gi")},
+        ],
+        resources={"requests": {"cpu": "250m", "memory": "64Mi"}, "limits": {"cpu": "2"}},
+    )
+    pod["spec"]["containers"].append(
+        {"name": "side", "command": ["true"], "resources": {"limits": {"memory": "1.5Gi"}}}
+    )
+    env = plan_pod(pod, ctx).step("web").env
+    assert env["CPU_LIMIT"] == "2" and env["CPU_REQUEST"] == "1"  # 250m rounds up to 1
+    assert env["CPU_MILLI"] == "250" and env["MEM_MI"] == "64"
+    assert env["MEM_LIMIT"] == str(16 * 2**30)  # no limit: the node's allocatable
+    assert env["SIDE_CPU"] == "8"
+    assert env["SIDE_MEM_REQ"] == "2"  # no request: the limit, 1.5Gi, rounded up
+    bad = manifest(env=[{"name": "X", **ref("limits.cpu", containerName="nope")}])
+    with pytest.raises(PodSpecError, match="no container 'nope'"):
+        plan_pod(bad, ctx)
