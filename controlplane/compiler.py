@@ -360,6 +360,11 @@ class Shared:
     # Selectors by (namespace, one of their label pairs): a workload's candidates.
     selector_index: Mapping[tuple[str, str, str], tuple[tuple[str, str, Mapping[str, str]], ...]]
     json_prefix: str  # '{"services":' + services_json, one string for every proxy
+    # GAMMA consumer routes (a route in another namespace than its parent
+    # Service): route namespace -> Service key -> its routes there.
+    consumer_routes: Mapping[str, Mapping[tuple[str, str], tuple[rs.Route, ...]]] = field(
+        default_factory=dict
+    )
 
 
 def _canonical(data: Any) -> str:
@@ -377,9 +382,15 @@ def shared(resources: ResourceSet) -> Shared:
     for sl in resources.endpoint_slices:
         slices.setdefault((sl.meta.namespace, sl.service), []).append(sl)
     routes_by_parent: dict[tuple[str, str], list[rs.Route]] = {}
+    consumer: dict[str, dict[tuple[str, str], list[rs.Route]]] = {}
     for r in resources.routes:
         for p in r.parent_refs:
-            lst = routes_by_parent.setdefault((p.namespace, p.name), [])
+            if p.namespace == r.meta.namespace:
+                lst = routes_by_parent.setdefault((p.namespace, p.name), [])
+            else:
+                lst = consumer.setdefault(r.meta.namespace, {}).setdefault(
+                    (p.namespace, p.name), []
+                )
             if not lst or lst[-1] is not r:
                 lst.append(r)
     ns_policy: dict[str, pc.TrafficPolicy] = {}
@@ -464,6 +475,7 @@ def shared(resources: ResourceSet) -> Shared:
         selectors,
         {k: tuple(v) for k, v in index.items()},
         '{"services":' + services_json,
+        {ns: {k: tuple(v) for k, v in by_svc.items()} for ns, by_svc in consumer.items()},
     )
     resources._cache["shared"] = result
     return result
@@ -579,6 +591,35 @@ def _backed_services(sh: Shared, proxy: ProxyInfo) -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
+def _consumer_services(
+    resources: ResourceSet, sh: Shared, namespace: str
+) -> tuple[tuple[pc.Service, ...], str]:
+    """The services as callers in `namespace` see them, and a digest of what
+    differs. GAMMA: a route in the caller's namespace whose parent is a Service
+    elsewhere (a consumer route) applies to that namespace's callers only, and
+    replaces the Service's own (producer) routes for them."""
+    mine = sh.consumer_routes.get(namespace)
+    if not mine:
+        return sh.services, ""
+    cache: dict[str, tuple[tuple[pc.Service, ...], str]] = resources._cache.setdefault(
+        "consumer", {}
+    )
+    hit = cache.get(namespace)
+    if hit is not None:
+        return hit
+    out = []
+    changed = []
+    for svc in sh.services:
+        key = (svc.namespace, svc.name)
+        if key in mine:
+            svc = replace(svc, routes=compile_routes(mine[key], key))
+            changed.append(_canonical(pc.to_dict(svc)))
+        out.append(svc)
+    result = (tuple(out), hashlib.sha256("\n".join(changed).encode()).hexdigest())
+    cache[namespace] = result
+    return result
+
+
 def compile(resources: ResourceSet, proxy: ProxyInfo) -> pc.ProxyConfig:
     sh = shared(resources)
     memo_key = (
@@ -603,19 +644,21 @@ def compile(resources: ResourceSet, proxy: ProxyInfo) -> pc.ProxyConfig:
         labels=proxy.labels,
         identity=pc.spiffe_id(td, proxy.namespace, proxy.service_account),
     )
+    services, consumer_digest = _consumer_services(resources, sh, proxy.namespace)
     own = _canonical(
         {
             "inbound": pc.to_dict(inbound),
             "sa": proxy.service_account,
             "ns": proxy.namespace,
             "labels": dict(proxy.labels),
+            "consumer_routes": consumer_digest,
         }
     )
     version = hashlib.sha256(f"{sh.digest}\n{own}".encode()).hexdigest()[:16]
     config = pc.ProxyConfig(
         version=version,
         mesh=sh.mesh,
-        services=sh.services,
+        services=services,
         inbound=inbound,
         trust_bundle=sh.trust_bundle,
         workload=workload,
