@@ -120,8 +120,16 @@ def render(fig: Figures, checks: Sequence[Check], denied: dict[str, Any]) -> str
     return "\n".join(lines)
 
 
+def mesh_flag(mesh: str) -> str:
+    """`--mesh NAME` where the commands need it: another name, or other meshes up."""
+    from synchro.local import mesh as local
+
+    alone = local.list_meshes() == [mesh]
+    return "" if mesh == DEFAULT_MESH and alone else f" --mesh {mesh}"
+
+
 def next_steps(mesh: str, dashboard: dict[str, Any]) -> str:
-    flag = "" if mesh == DEFAULT_MESH else f" --mesh {mesh}"
+    flag = mesh_flag(mesh)
     url = dashboard.get("url") or ""
     if url:
         where = f"{url}  ({'answering now' if answers(url) else 'NOT answering'})"
