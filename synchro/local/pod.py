@@ -140,7 +140,9 @@ def _run_hook(pod: Pod, step: Step, argv: Sequence[str], *, timeout: float) -> N
 
 
 def probe_once(node: Node, pod_ip: str, probe: Probe) -> bool:
-    """One kubelet-style probe from the node namespace; True on success."""
+    """One kubelet-style probe from the node namespace (exec: in the Pod's); True on success."""
+    if probe.kind == "exec":
+        return _exec_probe(node, pod_ip, probe)
     host = probe.host or pod_ip
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = netns_socket(node.netns, family)
@@ -160,6 +162,19 @@ def probe_once(node: Node, pod_ip: str, probe: Probe) -> bool:
         sock.close()
 
 
+def _exec_probe(node: Node, pod_ip: str, probe: Probe) -> bool:
+    net = next((p for p in list(node.pods.values()) if str(p.ip) == pod_ip), None)
+    if net is None or not probe.command:
+        return False
+    env = {**base_env(), **probe.env}
+    try:
+        argv = [resolve_command(probe.command[0], env.get("PATH")), *probe.command[1:]]
+        proc = net.exec(argv, uid=probe.uid, gid=probe.gid, env=env, timeout=probe.timeout)
+    except (PodStartError, OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0
+
+
 def wait_probe(pod: Pod, step: Step, probe: Probe, proc: Process | None, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -170,10 +185,11 @@ def wait_probe(pod: Pod, step: Step, probe: Probe, proc: Process | None, timeout
                 f"{pod.name}/{step.name} exited {proc.popen.returncode} before it was ready:\n"
                 f"{_tail(proc.log())}"
             )
-        time.sleep(0.05)
+        time.sleep(0.25 if probe.kind == "exec" else 0.05)  # exec probes start processes
     log_text = proc.log() if proc else ""
+    what = " ".join(probe.command) if probe.kind == "exec" else f"on port {probe.port}"
     raise PodStartError(
-        f"{pod.name}/{step.name}: {probe.kind} probe on port {probe.port} did not pass "
+        f"{pod.name}/{step.name}: {probe.kind} probe {what} did not pass "
         f"within {timeout}s:\n{_tail(log_text)}"
     )
 

@@ -48,13 +48,18 @@ class PodContext:
 
 @dataclass(frozen=True)
 class Probe:
-    kind: str  # httpGet | tcpSocket
-    port: int
+    kind: str  # httpGet | tcpSocket | exec
+    port: int  # 0 for exec
     path: str = "/"
     host: str | None = None
     timeout: float = 1.0
     period: float = 1.0
     failure_threshold: int = 3
+    # exec: the command, run in the Pod with the container's environment and ids.
+    command: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    uid: int | None = None
+    gid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -267,10 +272,43 @@ def _hook(
     return tuple(expand(_remap(str(part), mounts), env) for part in command)
 
 
-def _probe(container: Mapping[str, Any], key: str) -> Probe | None:
+def _probe(
+    container: Mapping[str, Any],
+    key: str,
+    env: Mapping[str, str],
+    ids: tuple[int | None, int | None],
+    mounts: Mapping[str, str],
+) -> Probe | None:
     probe = container.get(key)
     if not isinstance(probe, Mapping):
         return None
+    timeout = float(probe.get("timeoutSeconds", 1))
+    period = float(probe.get("periodSeconds", 10))
+    threshold = int(probe.get("failureThreshold", 3))
+    action = probe.get("exec")
+    if isinstance(action, Mapping):
+        command = action.get("command")
+        if not isinstance(command, list) or not command:
+            return None
+        # Like the kubelet: no shell; $(VAR) from the container's literal `value`s
+        # only (ExpandContainerCommandOnlyStatic); paths into volumes remapped.
+        static = {
+            str(item.get("name")): env[str(item.get("name"))]
+            for item in container.get("env") or []
+            if isinstance(item, Mapping) and "valueFrom" not in item and item.get("name") in env
+        }
+        argv = tuple(expand(_remap(str(part), mounts), static) for part in command)
+        return Probe(
+            "exec",
+            0,
+            timeout=timeout,
+            period=period,
+            failure_threshold=threshold,
+            command=argv,
+            env=env,
+            uid=ids[0],
+            gid=ids[1],
+        )
     for kind in ("httpGet", "tcpSocket"):
         action = probe.get(kind)
         if isinstance(action, Mapping):
@@ -282,11 +320,11 @@ def _probe(container: Mapping[str, Any], key: str) -> Probe | None:
                 port=port,
                 path=str(action.get("path", "/")),
                 host=action.get("host"),
-                timeout=float(probe.get("timeoutSeconds", 1)),
-                period=float(probe.get("periodSeconds", 10)),
-                failure_threshold=int(probe.get("failureThreshold", 3)),
+                timeout=timeout,
+                period=period,
+                failure_threshold=threshold,
             )
-    return None  # exec and grpc probes are not run locally
+    return None  # grpc probes are not run locally (an injected Pod's go through its proxy)
 
 
 def _port(port: Any, container: Mapping[str, Any]) -> int | None:
@@ -342,8 +380,8 @@ def _step(
         cwd=_remap(working_dir, mounts) if isinstance(working_dir, str) else None,
         post_start=_hook(container, "postStart", env, mounts),
         pre_stop=_hook(container, "preStop", env, mounts),
-        startup_probe=_probe(container, "startupProbe"),
-        readiness_probe=_probe(container, "readinessProbe"),
+        startup_probe=_probe(container, "startupProbe", env, (uid, gid), mounts),
+        readiness_probe=_probe(container, "readinessProbe", env, (uid, gid), mounts),
     )
 
 

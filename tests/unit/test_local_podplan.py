@@ -205,3 +205,29 @@ def test_resource_field_refs_give_requests_and_limits_in_divisor_units() -> None
     bad = manifest(env=[{"name": "X", **ref("limits.cpu", containerName="nope")}])
     with pytest.raises(PodSpecError, match="no container 'nope'"):
         plan_pod(bad, ctx)
+
+
+def test_exec_probes_carry_their_command_environment_and_ids() -> None:
+    ctx = PodContext(name="web-1", namespace="demo", ip="10.0.0.1", volumes={"run": "/var/x/run"})
+    pod = manifest(
+        env=[
+            {"name": "MODE", "value": "strict"},
+            {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ],
+        securityContext={"runAsUser": 1000},
+        volumeMounts=[{"name": "run", "mountPath": "/run/app"}],
+        readinessProbe={
+            "exec": {"command": ["test", "-f", "/run/app/ready", "$(MODE)", "$(POD)"]},
+            "periodSeconds": 2,
+            "timeoutSeconds": 3,
+        },
+        startupProbe={"grpc": {"port": 9000}},
+    )
+    web = plan_pod(pod, ctx).step("web")
+    probe = web.readiness_probe
+    assert probe is not None and probe.kind == "exec"
+    # The kubelet expands literal env values only; volume paths point at the stand-in.
+    assert probe.command == ("test", "-f", "/var/x/run/ready", "strict", "$(POD)")
+    assert probe.env["MODE"] == "strict" and probe.uid == 1000
+    assert (probe.period, probe.timeout) == (2.0, 3.0)
+    assert web.startup_probe is None  # grpc: the proxy runs it for an injected Pod
