@@ -214,6 +214,13 @@ def test_bank_retries_and_ejection_hide_a_broken_replica(bank: Up) -> None:
     assert body(same_ns[0])["pod"] == "bank/ledger-0"
 
 
+def test_bank_a_consumer_route_applies_to_its_own_namespace_only(bank: Up) -> None:
+    (from_ops,) = http(bank, "ops/teller-0", {"url": "http://ledger.bank/whoami"})
+    (from_bank,) = http(bank, "bank/accounts-v2-0", {"url": "http://ledger/whoami"})
+    assert body(from_ops)["headers"]["x-caller-team"] == "ops"
+    assert "x-caller-team" not in body(from_bank)["headers"]
+
+
 def test_bank_a_weight_edit_applies_while_running(bank: Up) -> None:
     path = bank.directory / "20-accounts-routes.yaml"
     text = path.read_text()
@@ -407,3 +414,32 @@ def test_rpc_job_workers_complete_through_the_mesh(rpc: Up) -> None:
         rpc, "apps/debug", "echo.rpc:50051", {"method": "Say", "text": "x", "repeat": 4}
     )
     assert all(a.get("ok", "").endswith(" - said x") for a in answers), answers
+
+
+# --- exec probes --------------------------------------------------------------------------
+
+
+def test_exec_probes_run_in_the_pod_with_the_container_environment(
+    node: Any, tmp_path: Path
+) -> None:
+    from synchro.local.pod import probe_once
+    from synchro.local.podplan import PodContext, plan_pod
+
+    flag = tmp_path / "ready"
+    net = node.add_pod("p")
+    # Ready once the file exists, and only where the Pod's own address is local.
+    check = 'test -f "$FLAG" && ip -o addr | grep -q " $ME/"'
+    app = {
+        "name": "app",
+        "command": ["sleep", "1"],
+        "env": [{"name": "FLAG", "value": str(flag)}, {"name": "ME", "value": str(net.ip)}],
+        "readinessProbe": {"exec": {"command": ["sh", "-c", check]}},
+    }
+    pod = {"metadata": {"name": "p"}, "spec": {"containers": [app]}}
+    ctx = PodContext(name="p", namespace="default", ip=str(net.ip))
+    probe = plan_pod(pod, ctx).step("app").readiness_probe
+    assert probe is not None and probe.kind == "exec"
+    assert not probe_once(node, str(net.ip), probe)
+    flag.write_text("")
+    assert probe_once(node, str(net.ip), probe)
+    assert not probe_once(node, "10.255.255.254", probe)  # no such Pod
