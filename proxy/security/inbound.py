@@ -480,7 +480,8 @@ def http_request(
     if security.policies:
         host = b""
         for name, value in headers:
-            if name in (b"host", b":authority"):
+            # HTTP/1 field names arrive as the client wrote them ("Host").
+            if name.lower() in (b"host", b":authority"):
                 host = value
                 break
         decision = authorize(ctx, downstream, method, target, host, headers)
