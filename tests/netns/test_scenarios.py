@@ -287,6 +287,15 @@ def test_clinic_strict_mtls_and_authorization(clinic: Up) -> None:
     )
     assert [a["status"] for a in nurse] == [403, 200, 403, 200]
     assert "URI=spiffe://cluster.local/ns/clinic/sa/nurse" in json.loads(nurse[1]["body"])["xfcc"]
+    # DENY by host (HTTP/1 sends "Host"); `ports` are the workload's, not the Service's.
+    by_host = http(
+        clinic,
+        "clinic/nurse-0",
+        {"url": "http://records.records/public/internal"},
+        {"url": "http://records.records.svc.cluster.local/public/internal"},
+        {"url": "http://records.records.svc/public/internal"},
+    )
+    assert [a["status"] for a in by_host] == [200, 403, 403]
 
 
 def test_clinic_plaintext_callers_meet_strict_and_permissive(clinic: Up) -> None:
