@@ -354,28 +354,47 @@ class Call:
         "service",
         "started",
         "target",
+        "touches_headers",
         "tried",
         "upstream",
         "waiter",
     )
 
-    def __init__(self, engine: Engine, *, service: str = "", route: str = "") -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        service: str = "",
+        route: str = "",
+        backend: _Backend | None = None,
+        caller: ServiceState | None = None,
+        retry: RetryPolicy | None = None,
+        backoff_base: float = 0.025,
+        request_ops: _HeaderOps | None = None,
+        response_ops: _HeaderOps | None = None,
+        method: bytes = b"GET",
+    ) -> None:
+        # Every request builds one: each field is stored once (a default that the
+        # caller then overwrites costs a second store), and the hot path passes
+        # them by position (keywords to a class call cost a dict).
         self.engine = engine
         self.service = service
         self.route = route
-        self.backend: _Backend | None = None
+        self.backend = backend
         self.fixed: Address | None = None
-        self.caller: ServiceState | None = None
-        self.retry: RetryPolicy | None = None
-        self.backoff_base = 0.025
-        self.per_try: float | None = None
+        self.caller = caller
+        self.retry = retry
+        self.backoff_base = backoff_base
+        self.per_try = retry.per_try_timeout if retry is not None else None
         self.deadline = _NO_DEADLINE
         self.had_deadline_header = False
         self.grpc = False
-        self.method = "GET"
+        self.method = method
         self.hash_key: bytes | None = None
-        self.request_ops: _HeaderOps | None = None
-        self.response_ops: _HeaderOps | None = None
+        self.request_ops = request_ops
+        self.response_ops = response_ops
+        # Whether `rewrite_headers` has anything to do: a request header modifier,
+        # a rewritten host or a deadline (kept up to date by the engine, which sets those).
+        self.touches_headers = request_ops is not None
         self.target: bytes | None = None  # rewritten path (and query)
         self.authority: bytes | None = None  # rewritten host
         self.mirrors: Sequence[Address] = ()
@@ -395,14 +414,6 @@ class Call:
         self.granted = False
 
     # -- what the adapter applies to the request --------------------------------------
-
-    @property
-    def touches_headers(self) -> bool:
-        return (
-            self.request_ops is not None
-            or self.authority is not None
-            or self.deadline.at is not None
-        )
 
     def rewrite_headers(self, headers: list[Header]) -> list[Header]:
         """Headers to send: route modifiers and rewrites applied, incoming deadline
@@ -606,7 +617,7 @@ class Call:
             return None
         # gRPC calls are all POSTs; a status listed in retryOn (UNAVAILABLE...) is the
         # service owner saying the call is safe to repeat, as in gRPC's own retry policy.
-        method = "PUT" if self.grpc and grpc_status else self.method
+        method = "PUT" if self.grpc and grpc_status else self.method.decode("latin-1")
         if not may_replay(method, self.body_size, failure):
             return None
         caller = self.caller
@@ -915,7 +926,7 @@ class Engine:
             log.warning("refusing request to %s: %s", dst, res.reason)
             return Reply(502, res.reason, Flag.NO_ROUTE, grpc_status=14)
         assert isinstance(res, ToEndpoint)
-        call = Call(self, service=res.service.key)
+        call = Call(self, res.service.key)
         call.fixed = Address(res.endpoint.ip, res.endpoint.port)
         return self._with_deadline(call, headers, None, now, grpc)
 
@@ -944,6 +955,7 @@ class Engine:
         except dl.DeadlineHeaderError as exc:
             return Reply(400, str(exc), grpc_status=3)
         call.had_deadline_header = deadline_ms is not None
+        call.touches_headers = True
         if call.deadline.expired(now):
             return call.deadline_reply()
         return call
@@ -992,31 +1004,37 @@ class Engine:
         if len(rp.choices) > 1:
             i = bisect.bisect_right(rp.cumulative, self.rng.random() * rp.cumulative[-1])
         choice = rp.choices[i]
-        call = Call(self, service=plan.key, route=rp.name)
-        call.method = method.decode("latin-1")
         if choice.redirect is not None:
             return self._redirect(choice.redirect, rp, target, host)
-        if choice.backend is None:
+        b = choice.backend
+        if b is None:
             return Reply(500, choice.missing or "no backend", Flag.NO_ROUTE, grpc_status=13)
+        delay = 0.0
         if plan.faults is not None:
             fault = fl.decide(plan.faults, self.rng, grpc=grpc)
             if fault.abort_http_status is not None or fault.abort_grpc_status is not None:
                 return _fault_reply(fault, grpc)
-            if fault.delay:
-                call.delay = fault.delay
-                call.flag_set.add(Flag.FAULT_INJECTED)
-        b = choice.backend
+            delay = fault.delay
         br = b.state.breaker
         if br is not None and not br.try_acquire(Resource.REQUESTS):
             return flag_reply(Flag.UPSTREAM_OVERFLOW, f"circuit breaker open for {b.key}")
-        call.backend = b
-        call.caller = plan.caller
-        call.retry = rp.retry
-        call.per_try = rp.retry.per_try_timeout
-        call.backoff_base = rp.retry_backoff
-        call.request_ops = choice.request_ops
-        call.response_ops = choice.response_ops
-        if rp.retry.attempts > 1:
+        retry = rp.retry
+        call = Call(
+            self,
+            plan.key,
+            rp.name,
+            b,
+            plan.caller,
+            retry,
+            rp.retry_backoff,
+            choice.request_ops,
+            choice.response_ops,
+            method,
+        )
+        if delay:
+            call.delay = delay
+            call.flag_set.add(Flag.FAULT_INJECTED)
+        if retry.attempts > 1:
             plan.caller.budget.on_request(now)
         if choice.rewrite is not None:
             self._rewrite(call, choice.rewrite, rp, target)
@@ -1024,8 +1042,17 @@ class Engine:
             call.hash_key = _hash_key(b.hash, headers, peer)
         if choice.mirrors:
             self._choose_mirrors(call, choice)
-        out = self._with_deadline(call, headers, rp.request_timeout, now, grpc)
-        if isinstance(out, Reply):
+        call.grpc = grpc
+        timeout = rp.request_timeout
+        for name, _ in headers:
+            n = len(name)
+            if (n == 12 or n == 19) and name.lower() in _DEADLINE_NAMES:
+                break
+        else:
+            if timeout is None:
+                return call  # no deadline: the common case, without _with_deadline's call
+        out = self._with_deadline(call, headers, timeout, now, grpc)
+        if type(out) is Reply:
             call.finish(now)
         return out
 
@@ -1050,6 +1077,7 @@ class Engine:
     def _rewrite(self, call: Call, rewrite: pc.URLRewrite, rp: _RoutePlan, target: bytes) -> None:
         if rewrite.hostname:
             call.authority = rewrite.hostname.encode()
+            call.touches_headers = True
         if rewrite.path is not None:
             path, sep, query = target.decode("latin-1").partition("?")
             new = rewrite_path(path, rewrite.path, rp.prefix)

@@ -177,7 +177,11 @@ class RetryBudget:
         self._steady_until = -math.inf  # the window may have shrunk: recheck expiry
 
     def on_request(self, now: float) -> None:
-        self._bucket(now)[1] += 1
+        buckets = self._buckets
+        if buckets and buckets[-1][0] <= now < self._steady_until:
+            buckets[-1][1] += 1  # _bucket's fast path, inlined: once per request
+        else:
+            self._bucket(now)[1] += 1
         self._requests += 1
 
     def try_withdraw(self, now: float) -> bool:
