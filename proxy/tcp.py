@@ -114,14 +114,18 @@ class _Relay:
                 else:
                     stats.bytes_to_downstream += len(data)
                 await writer.drain()
-            # Half-close: pass the FIN on and keep the other direction open.
+            # Half-close: pass the FIN on and keep the other direction open. On
+            # the mesh's opaque TCP leg the FIN travels as TLS close_notify
+            # (proxy.security.tlsstream).
             if not writer.is_closing():
                 if writer.can_write_eof():
                     writer.write_eof()
                 elif not from_downstream:
-                    # TLS (mTLS between sidecars) cannot carry a half-close: once
-                    # the server side is done, close the connection so the
-                    # client sees the end instead of waiting for the idle timeout.
+                    # asyncio's and uvloop's TLS transports (an HTTP leg that turned
+                    # into a tunnel, e.g. a WebSocket upgrade) cannot carry a
+                    # half-close: once the server side is done, close the
+                    # connection so the client sees the end instead of waiting for
+                    # the idle timeout.
                     writer.close()
         except (ConnectionError, OSError, RuntimeError) as exc:
             # A reset on one side becomes a reset on the other. (uvloop raises

@@ -27,7 +27,7 @@ from typing import Final, TypeVar, cast
 
 from proxy.conn import Address, ProxyContext
 from proxy.registry import Registry, ToEndpoint
-from proxy.security import tls
+from proxy.security import tls, tlsstream
 from proxy.security.enroll import TLSMaterial
 from proxy.security.runtime import DISABLE, MeshSecurity, security_for
 
@@ -129,14 +129,21 @@ async def create_connection(
             transport, protocol = await loop.create_connection(factory, address.host, address.port)
         else:
             try:
-                transport, protocol = await loop.create_connection(
-                    factory,
-                    address.host,
-                    address.port,
-                    ssl=p.context,
-                    server_hostname="",
-                    ssl_handshake_timeout=timeout,
-                )
+                if alpn == "tcp":
+                    # Opaque TCP must carry a half-close, which asyncio's and
+                    # uvloop's TLS transports cannot (see proxy.security.tlsstream).
+                    transport, protocol = await tlsstream.connect(
+                        factory, address.host, address.port, p.context, timeout=timeout
+                    )
+                else:
+                    transport, protocol = await loop.create_connection(
+                        factory,
+                        address.host,
+                        address.port,
+                        ssl=p.context,
+                        server_hostname="",
+                        ssl_handshake_timeout=timeout,
+                    )
             except ssl.SSLError as exc:
                 log.warning("mTLS handshake with %s failed: %s", address, exc)
                 raise

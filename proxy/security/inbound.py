@@ -42,7 +42,7 @@ import uvloop
 from proxy import detect
 from proxy.conn import Downstream, Protocol, ProxyContext
 from proxy.engine import Reply
-from proxy.security import authz, tls
+from proxy.security import authz, tls, tlsstream
 from proxy.security.runtime import DISABLE, STRICT, MeshSecurity, security_for
 from proxy.tcp import reset
 from proxy.traffic.flags import Flag
@@ -184,11 +184,16 @@ def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> type:
 
 
 async def terminate_tls(
-    downstream: Downstream, context: ssl.SSLContext, *, timeout: float = HANDSHAKE_TIMEOUT
+    downstream: Downstream,
+    context: ssl.SSLContext,
+    *,
+    timeout: float = HANDSHAKE_TIMEOUT,
+    half_close: bool = False,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Server-side TLS on an accepted connection whose first bytes detection
     already read (`downstream.preread`): they are fed to the TLS engine first.
-    (`StreamWriter.start_tls` would lose them.)"""
+    (`StreamWriter.start_tls` would lose them.) `half_close`: a transport that
+    carries one (proxy.security.tlsstream), for opaque TCP."""
     loop = asyncio.get_running_loop()
     old_reader = downstream.reader
     # uvloop's transports are not asyncio.Transport subclasses, only alike.
@@ -202,6 +207,11 @@ async def terminate_tls(
         buffered.clear()
     reader = asyncio.StreamReader(limit=old_reader._limit, loop=loop)  # type: ignore[attr-defined]
     app_protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    if half_close:
+        app_transport = await tlsstream.accept(
+            transport, context, app_protocol, data, timeout=timeout
+        )
+        return reader, asyncio.StreamWriter(app_transport, app_protocol, reader, loop)
     waiter = loop.create_future()
     ssl_protocol = _ssl_protocol_class(loop)(
         loop, app_protocol, context, waiter, True, None, True, timeout
@@ -279,6 +289,7 @@ async def admit(
     mode = security.mode_for(port)
     is_tls = downstream.protocol is Protocol.TLS
     offers_mesh = False
+    offered: list[str] | NeedMore = []
     if is_tls and mode != DISABLE:
         downstream.preread = await _read_client_hello(downstream, max(detect_timeout, 1.0))
         offered = client_hello_alpn(downstream.preread)
@@ -296,8 +307,13 @@ async def admit(
     if material is None:
         _refuse(downstream, port, mode, "no workload certificate yet")
         return None
+    # A sidecar offers one ALPN: synchro-tcp alone means opaque TCP, which
+    # needs a TLS transport that carries a half-close.
+    tcp_only = isinstance(offered, list) and [a for a in offered if a in tls.PROTOCOL_BY_ALPN] == [
+        tls.mesh_alpn("tcp")
+    ]
     try:
-        reader, writer = await terminate_tls(downstream, material.server)
+        reader, writer = await terminate_tls(downstream, material.server, half_close=tcp_only)
     except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
         _refuse(downstream, port, mode, _handshake_reason(exc))
         return None
