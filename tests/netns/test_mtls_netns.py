@@ -78,3 +78,30 @@ def test_a_pod_without_a_sidecar_is_refused_under_strict(up: Up) -> None:
 
 def test_a_pod_without_a_sidecar_is_served_under_permissive(up: Up) -> None:
     assert eventually_ok(up, "outside/plain-0", "http://web.open/") == "-"  # no identity
+
+
+# The client: a request, then its FIN (`nc -N`), then the answer until EOF.
+HALF_CLOSE_CLIENT = """
+import hashlib, socket, sys
+data = bytes(range(256)) * 4000
+s = socket.create_connection(("wc.secure", 7000), timeout=10)
+s.sendall(data)
+s.shutdown(socket.SHUT_WR)
+answer = b""
+while chunk := s.recv(65536):
+    answer += chunk
+print(answer.decode().strip(), "|", len(data), hashlib.sha256(data).hexdigest())
+"""
+
+
+def test_a_half_close_crosses_mtls_to_a_server_that_answers_at_eof(up: Up) -> None:
+    eventually_ok(up, "shop/frontend-0", "http://web.secure/")  # the client's proxy is enrolled
+    deadline = time.monotonic() + 20
+    while True:
+        proc = up.exec("shop/frontend-0", "python", "-c", HALF_CLOSE_CLIENT)
+        if proc.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)  # the server may not listen yet (no readiness probe)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got, _, expected = proc.stdout.strip().partition(" | ")
+    assert got == expected, proc.stdout
