@@ -39,6 +39,7 @@ The init container runs `synchro-init` with `InterceptOptions.to_args()`.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -199,7 +200,10 @@ def _view(pod: Mapping[str, Any]) -> _PodView:
 
 
 def is_injected(pod: Mapping[str, Any]) -> bool:
-    view = _view(pod)
+    return _is_injected(_view(pod))
+
+
+def _is_injected(view: _PodView) -> bool:
     names = {c.get("name") for c in (*view.containers, *view.init_containers)}
     return ann.STATUS in view.annotations or PROXY in names
 
@@ -230,36 +234,82 @@ def plan(pod: Mapping[str, Any], namespace: str, config: InjectorConfig) -> Inje
     view = _view(pod)
     if namespace in SYSTEM_NAMESPACES:
         return Skip(f"namespace {namespace} is never injected")
+    own = tuple((k, v) for k, v in view.annotations.items() if k.startswith(ann.PREFIX))
     try:
         if _inject_choice(view) is False:
             return Skip(f"{ann.INJECT} is disabled")
-        values, unknown = ann.parse_all(view.annotations)
+        _parse_annotations(own)
     except ann.AnnotationError as exc:
         raise InjectionError(exc.annotation, exc.value, exc.accepted) from None
     if view.spec.get("hostNetwork") is True:
         return Skip("the Pod uses hostNetwork")
-    if is_injected(pod):
+    if _is_injected(view):
         return Skip("already injected")
     _check_names(view)
 
-    settings = _settings(values, config)
-    _check_resources(values, settings)
-    probes = _probe_rewrites(view) if settings["rewrite-probes"] else ()
-    native = bool(settings["native-sidecar"])
-    proxy = _proxy_container(settings, config, probes, native=native)
-    init = _init_container(settings, config)
+    static = _static(config, own)
+    probes = _probe_rewrites(view) if static.settings["rewrite-probes"] else ()
     added = list(PROMETHEUS.items()) if not _has_prometheus(view) else []
-    status = _status(view, pod, config, native, probes, [k for k, _ in added])
-    warnings = tuple(f"unknown annotation {key} is ignored" for key in unknown)
+    status = _status(view, pod, config, static.native, probes, [k for k, _ in added])
     return Injection(
-        native=native,
-        init_container=init,
-        proxy_container=proxy,
-        volumes=_volumes(config),
+        native=static.native,
+        init_container=static.init_container,
+        proxy_container=_with_probes(static.proxy_container, probes),
+        volumes=static.volumes,
         probes=probes,
         annotations=(*added, (ann.STATUS, status)),
-        warnings=warnings,
+        warnings=static.warnings,
     )
+
+
+@dataclass(frozen=True)
+class _Static:
+    """The part of an Injection that depends only on the config and the Pod's
+    `synchro.dev/` annotations: the same for every replica of a workload."""
+
+    settings: Mapping[str, Any]
+    native: bool
+    init_container: Mapping[str, Any]
+    proxy_container: Mapping[str, Any]  # SYNCHRO_APP_PROBES is "{}"
+    volumes: tuple[Mapping[str, Any], ...]
+    warnings: tuple[str, ...]
+
+
+# Building the containers was most of plan()'s time, yet a cluster creates Pods
+# from a handful of templates. The cached values are shared between Injections
+# and never mutated: patch() copies what it changes, apply() copies everything.
+# Errors are raised again on every call (lru_cache keeps only returns).
+@functools.lru_cache(maxsize=256)
+def _parse_annotations(own: tuple[tuple[str, str], ...]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    return ann.parse_all(dict(own))
+
+
+@functools.lru_cache(maxsize=256)
+def _static(config: InjectorConfig, own: tuple[tuple[str, str], ...]) -> _Static:
+    values, unknown = _parse_annotations(own)
+    settings = _settings(values, config)
+    _check_resources(values, settings)
+    native = bool(settings["native-sidecar"])
+    return _Static(
+        settings=settings,
+        native=native,
+        init_container=_init_container(settings, config),
+        proxy_container=_proxy_container(settings, config, (), native=native),
+        volumes=_volumes(config),
+        warnings=tuple(f"unknown annotation {key} is ignored" for key in unknown),
+    )
+
+
+def _with_probes(proxy: Mapping[str, Any], probes: Sequence[ProbeRewrite]) -> dict[str, Any]:
+    """The proxy container with this Pod's SYNCHRO_APP_PROBES; `proxy` is left alone."""
+    if not probes:
+        return dict(proxy)
+    value = _app_probes_env(probes)
+    env = [
+        {"name": e["name"], "value": value} if e["name"] == "SYNCHRO_APP_PROBES" else e
+        for e in proxy["env"]
+    ]
+    return {**proxy, "env": env}
 
 
 def _check_names(view: _PodView) -> None:

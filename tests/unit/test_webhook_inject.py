@@ -583,3 +583,42 @@ def test_apply_leaves_input_alone() -> None:
     before = copy.deepcopy(pod)
     apply(pod, [{"op": "add", "path": "/metadata/labels", "value": {"a": "b"}}])
     assert pod == before
+
+
+def _env(pod: dict[str, Any]) -> dict[str, str]:
+    (proxy,) = [
+        c for c in pod["spec"]["containers"] + pod["spec"]["initContainers"] if c["name"] == PROXY
+    ]
+    return {e["name"]: e.get("value", "") for e in proxy["env"]}
+
+
+def test_pods_sharing_annotations_get_their_own_probes_and_copies() -> None:
+    # The containers built for one config and one set of annotations are reused
+    # between Pods: each Pod must still get its own probes, and its own objects.
+    probed = busy()
+    plain = minimal()
+    plain["metadata"]["annotations"] = dict(probed["metadata"]["annotations"])
+    first = inject_pod(probed, "shop", NATIVE)
+    second = inject_pod(plain, "shop", NATIVE)
+    assert json.loads(_env(first)["SYNCHRO_APP_PROBES"])
+    assert _env(second)["SYNCHRO_APP_PROBES"] == "{}"
+    again = copy.deepcopy(second)
+    for container in second["spec"]["initContainers"]:
+        container["securityContext"]["runAsUser"] = 4242
+        for key in ("env", "args"):
+            if key in container:
+                container[key].append("--oops")
+    second["spec"]["volumes"][-1]["emptyDir"]["medium"] = "Disk"
+    assert inject_pod(plain, "shop", NATIVE) == again
+
+
+def test_a_bad_value_is_an_error_every_time() -> None:
+    pod = minimal()
+    pod["metadata"]["annotations"] = {"synchro.dev/proxy-cpu-request": "2"}
+    for _ in range(2):
+        with pytest.raises(InjectionError, match="proxy-cpu-request"):
+            plan(pod, "shop", NATIVE)
+    pod["metadata"]["annotations"] = {"synchro.dev/exclude-outbound-ports": "80,abc"}
+    for _ in range(2):
+        with pytest.raises(InjectionError, match="exclude-outbound-ports"):
+            plan(pod, "shop", NATIVE)
