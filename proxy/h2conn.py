@@ -25,8 +25,9 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.settings import SettingCodes
+from hyperframe.frame import RstStreamFrame
 
-import proxy.h2tuning  # noqa: F401  (speeds up hpack on import)
+from proxy.h2tuning import CachingDecoder, StatelessEncoder
 
 Header = tuple[bytes, bytes]
 
@@ -57,6 +58,36 @@ class GracefulH2Connection(h2.connection.H2Connection):
         event.additional_data = frame.additional_data or None
         return [], [event]
 
+    def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
+        """h2's own, less its `trace("Received frame: %s", repr(frame))`: the
+        repr is built eagerly for a logger that drops it, several microseconds
+        per frame."""
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except h2.exceptions.StreamClosedError as e:
+            # Closed by our RST_STREAM: a stream error, answered with RST_STREAM;
+            # otherwise a connection error.
+            if not self._stream_is_closed_by_reset(e.stream_id):
+                raise
+            f = RstStreamFrame(e.stream_id)
+            f.error_code = e.error_code
+            self._prepare_for_sending([f])
+            return e._events  # type: ignore[no-any-return]
+        except h2.exceptions.StreamIDTooLowError as e:
+            # A frame for a stream already cleaned up, or implicitly closed by a
+            # higher stream id: a stream error after our RST_STREAM, a
+            # connection error otherwise.
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = h2.errors.ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([f])
+                return []
+            if self._stream_is_closed_by_end(e.stream_id):
+                raise h2.exceptions.StreamClosedError(e.stream_id) from e
+            raise
+        self._prepare_for_sending(frames)
+        return events  # type: ignore[no-any-return]
+
 
 def new_connection(*, client_side: bool, max_header_list_size: int) -> GracefulH2Connection:
     config = h2.config.H2Configuration(
@@ -70,6 +101,8 @@ def new_connection(*, client_side: bool, max_header_list_size: int) -> GracefulH
         normalize_inbound_headers=False,
     )
     conn = GracefulH2Connection(config=config)
+    conn.encoder = StatelessEncoder()
+    conn.decoder = CachingDecoder()
     settings = {
         SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
         SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,

@@ -68,7 +68,10 @@ def request_headers(headers: Iterable[Header], new_request_id: Callable[[], byte
     pseudo: dict[bytes, bytes] = {}
     regular = False
     has_id = False
-    for name, value in headers:
+    # The received tuples are forwarded as they are: hpack's NeverIndexedHeaderTuple
+    # must stay never-indexed on the next hop (RFC 7541 7.1.3).
+    for header in headers:
+        name, value = header
         _check_field(name, value)
         if name[0] == 0x3A:  # ':'
             if regular or name not in _REQUEST_PSEUDO or name in pseudo:
@@ -82,7 +85,7 @@ def request_headers(headers: Iterable[Header], new_request_id: Callable[[], byte
                 raise MalformedHeaders("te other than trailers")
             if name == REQUEST_ID:
                 has_id = True
-        out.append((name, value))
+        out.append(header)
     method = pseudo.get(b":method")
     if not method:
         raise MalformedHeaders("no :method")
@@ -105,7 +108,8 @@ def response_headers(headers: Iterable[Header]) -> list[Header]:
     out: list[Header] = []
     status: bytes | None = None
     regular = False
-    for name, value in headers:
+    for header in headers:
+        name, value = header
         _check_field(name, value)
         if name[0] == 0x3A:
             if regular or name != b":status" or status is not None:
@@ -115,7 +119,7 @@ def response_headers(headers: Iterable[Header]) -> list[Header]:
             regular = True
             if name in CONNECTION_SPECIFIC or name == b"te":
                 continue
-        out.append((name, value))
+        out.append(header)
     if status is None or len(status) != 3 or not status.isdigit():
         raise MalformedHeaders(f"missing or invalid :status {status!r}")
     return out
@@ -124,13 +128,14 @@ def response_headers(headers: Iterable[Header]) -> list[Header]:
 def trailer_headers(headers: Iterable[Header]) -> list[Header]:
     """Validate trailers (either direction): regular fields only."""
     out: list[Header] = []
-    for name, value in headers:
+    for header in headers:
+        name, value = header
         _check_field(name, value)
         if name[0] == 0x3A:
             raise MalformedHeaders(f"pseudo-header {name!r} in trailers")
         if name in CONNECTION_SPECIFIC or name == b"te":
             continue
-        out.append((name, value))
+        out.append(header)
     return out
 
 

@@ -1,4 +1,6 @@
-"""Speed-ups for the pure-Python HPACK library that h2 uses (applied on import).
+"""Speed-ups for the pure-Python HPACK library that h2 uses.
+
+Applied on import:
 
 - hpack logs every header it encodes or decodes at DEBUG; even disabled, those
   calls cost several microseconds per request. Its module loggers are replaced
@@ -7,13 +9,34 @@
   header values as literals without indexing (nginx does, for every response)
   pay that on every request for the same few values, so short decoded values
   are memoized in a bounded table.
+
+Used by `proxy.h2conn.new_connection` for every connection:
+
+- `StatelessEncoder` never inserts into the HPACK dynamic table, like the
+  encoders of nginx and HAProxy: a field is a static-table index or a literal
+  without indexing. Its encoding then depends on the field alone, so it is
+  computed once per distinct field for the whole process (bounded) instead of
+  on every request with a linear search of the dynamic table. Values that are
+  new on every request (request ids, trace context) bypass that cache.
+- `CachingDecoder` remembers the fields of recent header blocks by their
+  bytes for as long as its dynamic table does not change. Decoding is a
+  function of the block and the table, so an identical block (the same
+  request again, or nginx's response within the same second) gives the same
+  fields without being parsed again.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import hpack.hpack
 import hpack.table
+from hpack import Decoder, Encoder, HeaderTuple
+from hpack.hpack import encode_integer
+from hpack.huffman import HuffmanEncoder
+from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.huffman_table import decode_huffman
+from hpack.table import HeaderTable
 
 _MAX_CACHED_LEN = 128
 _MAX_ENTRIES = 4096
@@ -40,6 +63,178 @@ def cached_decode_huffman(huffman_string: bytes | bytearray | memoryview | None)
 class _NoLog:
     def debug(self, *args: object, **kwargs: object) -> None:
         pass
+
+
+# -- encoding ------------------------------------------------------------------
+
+_STATIC = HeaderTable.STATIC_TABLE_MAPPING
+_huffman = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
+# Fields whose value is new on every request: caching them would only evict the rest.
+UNIQUE_VALUES = frozenset(
+    {
+        b"x-request-id",
+        b"traceparent",
+        b"tracestate",
+        b"b3",
+        b"x-b3-traceid",
+        b"x-b3-spanid",
+        b"x-b3-parentspanid",
+        b"x-client-trace-id",
+    }
+)
+_MAX_FIELD_LEN = 256
+_fields: dict[tuple[bytes, bytes], bytes] = {}
+
+
+def _string(data: bytes, huffman: bool) -> bytes:
+    """An HPACK string literal (RFC 7541 5.2), Huffman-coded when asked and shorter."""
+    if huffman:
+        coded = _huffman.encode(data)
+        if len(coded) < len(data):
+            length = encode_integer(len(coded), 7)
+            length[0] |= 0x80
+            return bytes(length) + coded
+    return bytes(encode_integer(len(data), 7)) + data
+
+
+def encode_field(
+    name: bytes, value: bytes, *, never_indexed: bool = False, huffman: bool = True
+) -> bytes:
+    """One field without touching the dynamic table (RFC 7541 6.1, 6.2.2, 6.2.3)."""
+    static = _STATIC.get(name)
+    if static is not None and not never_indexed:
+        index = static[1].get(value)
+        if index is not None:
+            field = encode_integer(index, 7)
+            field[0] |= 0x80
+            return bytes(field)
+    flag = 0x10 if never_indexed else 0x00
+    if static is not None:
+        prefix = encode_integer(static[0], 4)
+        prefix[0] |= flag
+        return bytes(prefix) + _string(value, huffman)
+    return bytes((flag,)) + _string(name, huffman) + _string(value, huffman)
+
+
+def _cached_field(name: bytes, value: bytes) -> bytes:
+    encoded = encode_field(name, value)
+    if len(name) + len(value) <= _MAX_FIELD_LEN:
+        if len(_fields) >= _MAX_ENTRIES:
+            _fields.clear()
+        _fields[(name, value)] = encoded
+    return encoded
+
+
+class StatelessEncoder(Encoder):
+    """An hpack Encoder that never adds to its dynamic table (see the module doc).
+
+    Table size updates the peer's SETTINGS cause are still signalled at the
+    start of the next block, as RFC 7541 4.2 asks.
+    """
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        if type(headers) is dict:
+            return super().encode(headers, huffman)
+        block: list[bytes] = []
+        table = self.header_table
+        if table.resized:
+            block.append(self._encode_table_size_change())
+            table.resized = False
+        fields = _fields
+        for header in headers:
+            kind = type(header)
+            # (A NeverIndexedHeaderTuple equals its plain tuple: not looked up.)
+            if kind is tuple or kind is HeaderTuple:
+                encoded = fields.get(header)
+                if encoded is not None:
+                    block.append(encoded)
+                    continue
+            name, value = header[0], header[1]
+            if type(name) is not bytes:
+                name = name.encode()
+            if type(value) is not bytes:
+                value = value.encode()
+            if isinstance(header, HeaderTuple) and not header.indexable:
+                # RFC 7541 7.1.3: a never-indexed field stays so on every hop.
+                block.append(encode_field(name, value, never_indexed=True, huffman=huffman))
+            elif len(header) > 2 and header[2]:  # (name, value, sensitive)
+                block.append(encode_field(name, value, never_indexed=True, huffman=huffman))
+            elif name in UNIQUE_VALUES or not huffman:
+                block.append(encode_field(name, value, huffman=False))
+            else:
+                block.append(_cached_field(name, value))
+        return b"".join(block)
+
+
+# -- decoding ------------------------------------------------------------------
+
+
+class _VersionedTable(HeaderTable):
+    """A header table that counts its changes, so a decoder knows when its cache is stale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.version = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        if not self.dynamic_entries and 32 + len(name) + len(value) > self._maxsize:
+            # Too big for an empty table: nothing changes. (nginx indexes every
+            # response field after shrinking our table to 0: a no-op each time.)
+            return
+        self.version += 1
+        super().add(name, value)
+
+    @property  # type: ignore[override]
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    @maxsize.setter
+    def maxsize(self, newmax: int) -> None:
+        if int(newmax) != self._maxsize:
+            self.version += 1
+        HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
+
+
+_MAX_BLOCK_LEN = 1024  # header blocks longer than this are not remembered
+_MAX_BLOCK_FIELDS = 8192  # nor those that decode to more than this (RFC 7541 4.1 sizes)
+_MAX_BLOCKS = 32  # per connection
+
+
+class CachingDecoder(Decoder):
+    """An hpack Decoder that remembers recent blocks while its table is unchanged."""
+
+    def __init__(self, max_header_list_size: int = 64 * 1024) -> None:
+        super().__init__(max_header_list_size)
+        self.header_table: _VersionedTable = _VersionedTable()
+        self._blocks: dict[bytes, tuple[list[Any], int]] = {}
+        self._version = 0
+
+    def decode(self, data: bytes, raw: bool = False) -> Any:
+        if not raw or type(data) is not bytes:
+            return super().decode(data, raw)
+        table = self.header_table
+        blocks = self._blocks
+        if table.version != self._version:
+            blocks.clear()
+            self._version = table.version
+        else:
+            hit = blocks.get(data)
+            if hit is not None and hit[1] <= self.max_header_list_size:
+                self._assert_valid_table_size()
+                return list(hit[0])
+        headers: list[Any] = super().decode(data, raw=True)  # type: ignore[assignment]
+        if (
+            table.version == self._version
+            and 0 < len(data) <= _MAX_BLOCK_LEN
+            # A block that resizes the table is checked against our limit every time.
+            and data[0] & 0xE0 != 0x20
+        ):
+            size = sum(32 + len(n) + len(v) for n, v in headers)
+            if size <= _MAX_BLOCK_FIELDS:
+                if len(blocks) >= _MAX_BLOCKS:
+                    blocks.clear()
+                blocks[data] = (list(headers), size)
+        return headers
 
 
 def apply() -> None:

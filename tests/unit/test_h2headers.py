@@ -141,3 +141,14 @@ def test_requests_either_pass_unchanged_or_are_rejected(extra: list[tuple[bytes,
     assert body == headers
     for _, value in out:
         assert b"\r" not in value and b"\n" not in value and b"\x00" not in value
+
+
+def test_never_indexed_fields_are_forwarded_as_such() -> None:
+    """RFC 7541 7.1.3: the proxy passes hpack's NeverIndexedHeaderTuple on unchanged."""
+    from hpack import NeverIndexedHeaderTuple
+
+    secret = NeverIndexedHeaderTuple(b"authorization", b"Bearer x")
+    assert type(request_headers([*GET, secret], fixed_id)[4]) is NeverIndexedHeaderTuple
+    response = response_headers([(b":status", b"200"), secret])
+    assert type(response[1]) is NeverIndexedHeaderTuple
+    assert type(trailer_headers([secret])[0]) is NeverIndexedHeaderTuple

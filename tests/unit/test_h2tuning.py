@@ -1,0 +1,122 @@
+"""proxy.h2tuning: the HPACK encoder and decoder the HTTP/2 proxy uses, checked
+against hpack's own (the reference) on the same inputs."""
+
+from __future__ import annotations
+
+import hpack
+import pytest
+from hpack import HeaderTuple, NeverIndexedHeaderTuple
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.h2tuning import CachingDecoder, StatelessEncoder, encode_field
+
+names = st.sampled_from(
+    [b":method", b":path", b":status", b"content-type", b"x-request-id", b"x-custom", b"cookie"]
+)
+values = st.binary(max_size=40).filter(lambda v: b"\x00" not in v) | st.sampled_from(
+    [b"GET", b"/", b"200", b"application/grpc", b"gzip, deflate"]
+)
+fields = st.lists(st.tuples(names, values), max_size=10)
+
+
+@settings(max_examples=200)
+@given(st.lists(fields, min_size=1, max_size=6))
+def test_stateless_encoder_round_trips_through_the_reference_decoder(
+    blocks: list[list[tuple[bytes, bytes]]],
+) -> None:
+    encoder, decoder = StatelessEncoder(), hpack.Decoder()
+    for block in blocks:
+        assert decoder.decode(encoder.encode(block), raw=True) == block
+    # Nothing was ever inserted: the peer's table stays empty.
+    assert not decoder.header_table.dynamic_entries
+    assert not encoder.header_table.dynamic_entries
+
+
+def test_static_fields_are_one_byte_and_unique_values_are_not_cached() -> None:
+    encoder = StatelessEncoder()
+    assert encoder.encode([(b":method", b"GET")]) == b"\x82"
+    assert encoder.encode([(b":status", b"200")]) == b"\x88"
+    first = encoder.encode([(b"x-request-id", b"11111111-aaaa")])
+    # A literal without indexing (0x00), raw (no Huffman) for a value seen once.
+    assert first[0] == 0x00 and b"11111111-aaaa" in first
+    from proxy import h2tuning
+
+    assert (b"x-request-id", b"11111111-aaaa") not in h2tuning._fields
+
+
+def test_never_indexed_fields_stay_never_indexed() -> None:
+    encoder, decoder = StatelessEncoder(), hpack.Decoder()
+    # The same fields as plain tuples first, so that their encodings are cached.
+    encoder.encode([(b"authorization", b"secret"), HeaderTuple(b"cookie", b"a=b")])
+    block = encoder.encode(
+        [NeverIndexedHeaderTuple(b"authorization", b"secret"), (b"cookie", b"a=b", True)]
+    )
+    out = decoder.decode(block, raw=True)
+    assert out == [(b"authorization", b"secret"), (b"cookie", b"a=b")]
+    assert all(isinstance(h, NeverIndexedHeaderTuple) for h in out)
+    assert encode_field(b"authorization", b"secret", never_indexed=True)[0] & 0xF0 == 0x10
+
+
+def test_a_smaller_table_from_the_peer_is_signalled_first() -> None:
+    encoder, decoder = StatelessEncoder(), hpack.Decoder()
+    encoder.header_table_size = 0
+    block = encoder.encode([(b":method", b"GET")])
+    assert block == b"\x20\x82"
+    assert decoder.decode(block, raw=True) == [(b":method", b"GET")]
+    assert decoder.header_table_size == 0
+    assert encoder.encode([(b":method", b"GET")]) == b"\x82"
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.tuples(names, st.sampled_from([b"a", b"b", b"c", b"1024"])), max_size=6),
+            st.sampled_from([None, 0, 64, 4096]),
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_caching_decoder_agrees_with_the_reference_on_indexing_peers(
+    blocks: list[tuple[list[tuple[bytes, bytes]], int | None]],
+) -> None:
+    """A peer that indexes (and resizes its table) changes the decoder's table
+    between blocks; the cache must never answer from a stale table."""
+    peer = hpack.Encoder()
+    ours, reference = CachingDecoder(), hpack.Decoder()
+    for block, resize in blocks:
+        if resize is not None:
+            peer.header_table_size = resize
+        for _ in range(2):  # the same block twice: the second may come from the cache
+            data = peer.encode(block)
+            assert ours.decode(data, raw=True) == reference.decode(data, raw=True) == block
+    assert list(ours.header_table.dynamic_entries) == list(reference.header_table.dynamic_entries)
+
+
+def test_caching_decoder_answers_a_repeated_block_from_its_cache() -> None:
+    peer = hpack.Encoder()
+    decoder = CachingDecoder()
+    block = [(b":status", b"200"), (b"server", b"x"), (b"content-length", b"5")]
+    decoder.decode(peer.encode(block), raw=True)  # indexes: the table changes
+    data = peer.encode(block)  # all indexed now: decoding it changes nothing
+    first = decoder.decode(data, raw=True)
+    assert data in decoder._blocks
+    again = decoder.decode(data, raw=True)
+    assert again == first == block and again is not first
+    again.append((b"x", b"y"))  # callers own what they get
+    assert decoder.decode(data, raw=True) == block
+    assert all(isinstance(h, HeaderTuple) for h in decoder.decode(data, raw=True))
+
+
+def test_caching_decoder_keeps_the_header_list_limit() -> None:
+    peer = hpack.Encoder()
+    decoder = CachingDecoder()
+    decoder.decode(peer.encode([(b"x-big", b"v" * 100)]), raw=True)
+    data = peer.encode([(b"x-big", b"v" * 100)])
+    decoder.decode(data, raw=True)
+    assert data in decoder._blocks
+    decoder.max_header_list_size = 64
+    with pytest.raises(hpack.OversizedHeaderListError):
+        decoder.decode(data, raw=True)
