@@ -11,6 +11,14 @@ circuit breaking and outlier detection are the backend service's
 TrafficPolicy; the retry budget and timeouts the called service's, the route's
 settings winning over both (as the proxy applies them).
 
+The protocol is decided as the proxy's listener decides it: a port the proxy
+treats as opaque (a server-first port, or one listed in the source Pod's
+`synchro.dev/opaque-ports`) is TCP whatever its name; on any other port the
+proxy detects HTTP/1, HTTP/2 and TLS from the client's first bytes
+(`proxy.detect`), so HTTP routes apply to an HTTP client even on a port whose
+name and appProtocol say nothing (or `tcp`). For such a port the answer is the
+HTTP request's, with the opaque TCP fallback beside it.
+
 SRC_POD is `namespace/name` or `name` (namespace default), as `synchro exec`
 names them (a Deployment's Pods are `<deployment>-<n>` in a local mesh). DST is
 a Service name (`name`, `name.namespace`, `name.namespace.svc.cluster.local`,
@@ -27,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy import config as pc
+from proxy import ports
 from proxy.registry import Passthrough, Refuse, Registry, ToEndpoint, ToService
 from proxy.security import authz, runtime
 from proxy.security.inbound import principal_of
@@ -149,6 +158,24 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class TcpFallback:
+    """What a connection that does not start with HTTP gets on a detected port."""
+
+    backends: tuple[Backend, ...]
+    retry: Retry | None
+    timeouts: Timeouts | None
+    outcome: str
+    status: int | None
+    verdict: str
+
+
+# How the source proxy picks the protocol of a connection to the port.
+DECLARED = "declared"  # the port says HTTP (name or appProtocol); the proxy still sniffs
+DETECTED = "detected"  # nothing (or tcp/tls) declared: decided from the client's first bytes
+OPAQUE = "opaque"  # the proxy skips detection: TCP whatever the name says
+
+
+@dataclass(frozen=True)
 class Explanation:
     source: dict[str, Any]
     destination: dict[str, Any]
@@ -168,6 +195,8 @@ class Explanation:
     status: int | None  # the status the client gets when the mesh answers itself
     verdict: str
     notes: tuple[str, ...]
+    detection: str = DECLARED
+    tcp_fallback: TcpFallback | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = dataclasses.asdict(self)
@@ -585,19 +614,23 @@ def destination_pods(src_config: pc.ProxyConfig, request: Request) -> list[str]:
         partial = explain(src_config, {}, request)
     except ExplainError:
         return []
-    return [b.pod for b in partial.backends if b.pod and "/" in b.pod]
+    backends = partial.backends + (partial.tcp_fallback.backends if partial.tcp_fallback else ())
+    return list(dict.fromkeys(b.pod for b in backends if b.pod and "/" in b.pod))
 
 
 def explain(
     src_config: pc.ProxyConfig,
     dst_configs: Mapping[str, pc.ProxyConfig] | pc.ProxyConfig | None,
     request: Request,
+    *,
+    opaque_ports: frozenset[int] = ports.SERVER_FIRST_PORTS,
 ) -> Explanation:
     """What the source Pod's proxy, then the destination's, do with `request`.
 
     `dst_configs` are destination Pods' configs by "<namespace>/<name>" (or one
     config used for every destination Pod); without one, the inbound side
-    (mTLS mode, authorization) is reported as unknown.
+    (mTLS mode, authorization) is reported as unknown. `opaque_ports` are the
+    source proxy's (its default, plus the Pod's `synchro.dev/opaque-ports`).
     """
     if isinstance(dst_configs, pc.ProxyConfig):
         single = dst_configs
@@ -646,9 +679,73 @@ def explain(
             source, destination, resolution, None, request.port, "unknown",
             outcome="forwarded", status=None, verdict=verdict, notes=tuple(notes), **empty,
         )  # fmt: skip
-    protocol = "grpc" if request.grpc and sp.protocol in HTTP_PROTOCOLS else sp.protocol
+    port = endpoint.port if resolution == "endpoint" and endpoint is not None else sp.port
+    detection = port_detection(sp.protocol, port, opaque_ports)
     destination = {"host": host, "port": sp.port, "service": svc.key, "protocol": sp.protocol}
-    http = sp.protocol in HTTP_PROTOCOLS
+    if detection == OPAQUE:
+        notes.append(
+            f"port {port} is opaque in the proxy (a server-first protocol, or the source "
+            "Pod's synchro.dev/opaque-ports): no protocol detection, it goes as TCP"
+        )
+        return _explain_service(
+            src_config, dst, request, registry, source, destination, resolution, svc, sp,
+            endpoint, notes, protocol="tcp", detection=OPAQUE,
+        )  # fmt: skip
+    protocol = "grpc" if request.grpc else "http" if detection == DETECTED else sp.protocol
+    if detection == DECLARED:
+        return _explain_service(
+            src_config, dst, request, registry, source, destination, resolution, svc, sp,
+            endpoint, notes, protocol=protocol, detection=DECLARED,
+        )  # fmt: skip
+    # Nothing declared: the listener sniffs, so the same port carries HTTP (routes
+    # apply) or anything else (opaque TCP); both answers, the HTTP one first.
+    notes.append(
+        f"port {sp.port} declares {'no protocol' if sp.protocol == 'tcp' else sp.protocol} "
+        "(name/appProtocol): the proxy detects it at runtime; HTTP routes apply if the "
+        "client speaks HTTP, other bytes go as opaque TCP (see the TCP fallback)"
+    )
+    tcp = _explain_service(
+        src_config, dst, request, registry, source, destination, resolution, svc, sp,
+        endpoint, [], protocol="tcp", detection=DETECTED,
+    )  # fmt: skip
+    answer = _explain_service(
+        src_config, dst, request, registry, source, destination, resolution, svc, sp,
+        endpoint, notes, protocol=protocol, detection=DETECTED,
+    )  # fmt: skip
+    fallback = TcpFallback(
+        tcp.backends, tcp.retry, tcp.timeouts, tcp.outcome, tcp.status, tcp.verdict
+    )
+    return dataclasses.replace(answer, tcp_fallback=fallback)
+
+
+def port_detection(declared: str, port: int, opaque_ports: frozenset[int]) -> str:
+    """How the source proxy's listener decides the protocol of a connection to
+    `port` (proxy/listener.py): opaque ports skip detection; every other port is
+    sniffed (proxy/detect.py), whatever the Service declares."""
+    if port in opaque_ports:
+        return OPAQUE
+    return DECLARED if declared in HTTP_PROTOCOLS else DETECTED
+
+
+def _explain_service(
+    src_config: pc.ProxyConfig,
+    dst: Mapping[str, pc.ProxyConfig],
+    request: Request,
+    registry: Registry,
+    source: dict[str, Any],
+    destination: dict[str, Any],
+    resolution: str,
+    svc: pc.Service,
+    sp: pc.ServicePort,
+    endpoint: pc.Endpoint | None,
+    notes: list[str],
+    *,
+    protocol: str,
+    detection: str,
+) -> Explanation:
+    """A service port's answer for a client speaking `protocol`."""
+    host = request.destination
+    http = protocol in HTTP_PROTOCOLS
     fault = (
         pc.to_dict(svc.policy.fault_injection)
         if svc.policy and svc.policy.fault_injection
@@ -661,7 +758,7 @@ def explain(
         # A Pod called by its IP: no route; the one endpoint, retried in place.
         dst_config = dst.get(endpoint.pod)
         mtls, authorization = _mtls_and_authz(
-            src_config, request, endpoint, dst_config, sp.protocol, host
+            src_config, request, endpoint, dst_config, protocol, host
         )
         b = Backend(
             svc.key, sp.port, 1, 100.0, (), 1, 1, endpoint.pod or endpoint.ip, endpoint.port,
@@ -672,6 +769,7 @@ def explain(
             source, destination, resolution, svc, sp, protocol, (), None, (), (b,),
             None, None, fault, rate, notes,
             f"sent to endpoint {endpoint.ip}:{endpoint.port} ({b.pod}) directly, no routing",
+            detection=detection,
         )  # fmt: skip
 
     routes = tuple(r for r in svc.routes if r.port is None or r.port == sp.port) if http else ()
@@ -702,9 +800,10 @@ def explain(
                 source, destination, resolution, svc.key, sp.port, protocol, tuple(checks),
                 None, (), (), None, None, fault, rate, "no-route", 404,
                 f"no route of {svc.key} matches: the source proxy answers 404", tuple(notes),
+                detection,
             )  # fmt: skip
-    elif svc.routes and not http:
-        notes.append(f"port {sp.port} is {sp.protocol}: HTTP routes do not apply")
+    elif svc.routes and not http and detection != DETECTED:
+        notes.append(f"port {sp.port} carries TCP: HTTP routes do not apply")
 
     tcp = not http
     retry = retry_of(svc, chosen, tcp=tcp)
@@ -737,19 +836,19 @@ def explain(
                 source, destination, resolution, svc, sp, protocol, tuple(checks),
                 _route_label(chosen), route_filters, tuple(backends), retry, timeouts, fault,
                 rate, notes, f"redirected by route {_route_label(chosen)}",
-                outcome="redirect", status=redirect.status_code,
+                outcome="redirect", status=redirect.status_code, detection=detection,
             )  # fmt: skip
         if total == 0:
             return _finish(
                 source, destination, resolution, svc, sp, protocol, tuple(checks),
                 _route_label(chosen), route_filters, tuple(backends), retry, timeouts, fault,
                 rate, notes, f"route {_route_label(chosen)} has no backend with weight: 500",
-                outcome="no-backend", status=500,
+                outcome="no-backend", status=500, detection=detection,
             )  # fmt: skip
     return _finish(
         source, destination, resolution, svc, sp, protocol, tuple(checks),
         _route_label(chosen) if chosen else None, route_filters, tuple(backends), retry,
-        timeouts, fault, rate, notes, "",
+        timeouts, fault, rate, notes, "", detection=detection,
     )  # fmt: skip
 
 
@@ -792,6 +891,7 @@ def _finish(
     *,
     outcome: str = "",
     status: int | None = None,
+    detection: str = DECLARED,
 ) -> Explanation:
     if not outcome:
         outcome, status, verdict = _outcome(backends, retry, verdict, protocol == "grpc")
@@ -802,7 +902,7 @@ def _finish(
     return Explanation(
         source, destination, resolution, svc.key, sp.port, protocol, checks, route,
         route_filters, backends, retry, timeouts, fault, rate, outcome, status, verdict,
-        tuple(notes),
+        tuple(notes), detection,
     )  # fmt: skip
 
 
@@ -846,7 +946,7 @@ def render_text(e: dict[str, Any]) -> str:
     dst = e["destination"]
     target = f"{dst['host']}" + (f":{dst['port']}" if dst.get("port") else "")
     if e["service"]:
-        target += f" -> service {e['service']} port {e['port']} ({e['protocol']})"
+        target += f" -> service {e['service']} port {e['port']} ({_protocol_words(e)})"
     else:
         target += f" -> {e['resolution']}"
     row("Destination", target)
@@ -858,7 +958,8 @@ def render_text(e: dict[str, Any]) -> str:
         )
         lines.append(f"{'':19}    {check['why']}")
     if e["service"] and not e["routes"]:
-        row("Route", "none: the service's own endpoints")
+        why = " (opaque TCP: HTTP routes do not apply)" if e["protocol"] == "tcp" else ""
+        row("Route", f"none: the service's own endpoints{why}")
     if e["route_filters"]:
         row("Filters", ", ".join(e["route_filters"]))
     for i, b in enumerate(e["backends"]):
@@ -919,10 +1020,32 @@ def render_text(e: dict[str, Any]) -> str:
         row("Fault injection", str(e["fault_injection"]))
     if e["rate_limit"]:
         row("Rate limit", str(e["rate_limit"]))
+    fallback = e.get("tcp_fallback")
+    if fallback:
+        row("TCP fallback", "a client that does not speak HTTP: opaque TCP, no route")
+        for b in fallback["backends"]:
+            ready = f"{b['endpoints_ready']}/{b['endpoints_total']} endpoints ready"
+            lines.append(f"{'':19}    {b['service']}:{b['port']}  {ready}")
+            if b["authorization"]:
+                a = b["authorization"]
+                lines.append(f"{'':19}    authorization {a['decision']}: {a['reason']}")
+        lines.append(f"{'':19}    {fallback['verdict']}")
     for note in e["notes"]:
         row("Note", note)
     row("Verdict", e["verdict"])
     return "\n".join(lines) + "\n"
+
+
+def _protocol_words(e: Mapping[str, Any]) -> str:
+    detection = e.get("detection", DECLARED)
+    if detection == DETECTED:
+        return (
+            f"{e['destination'].get('protocol', 'tcp')} declared; detected at runtime: "
+            "HTTP routes apply if the client speaks HTTP"
+        )
+    if detection == OPAQUE:
+        return "opaque TCP: no protocol detection on this port"
+    return str(e["protocol"])
 
 
 # --- the command -----------------------------------------------------------------------------

@@ -437,3 +437,149 @@ def test_parse_destination_errors(text: str) -> None:
 
     with pytest.raises(CommandError):
         ex.parse_destination(text)
+
+
+# --- a port that declares no protocol: the proxy sniffs it ----------------------------------
+
+UNNAMED = """
+apiVersion: v1
+kind: Service
+metadata: {name: desk, namespace: shop}
+spec:
+  selector: {app: desk}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: desk-v2, namespace: shop}
+spec:
+  selector: {app: desk, version: v2}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: desk, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: desk, port: 80}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /v2}}]
+      backendRefs: [{name: desk-v2, port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cache, namespace: shop}
+spec:
+  selector: {app: desk}
+  ports: [{name: http, port: 6379, targetPort: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: cache, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: cache}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /v2}}]
+      backendRefs: [{name: desk-v2, port: 80}]
+---
+apiVersion: synchro.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: desk-get-only, namespace: shop}
+spec:
+  selector: {matchLabels: {app: desk}}
+  action: ALLOW
+  rules:
+    - to: [{operation: {methods: [GET]}}]
+"""
+
+
+@pytest.fixture(scope="module")
+def desk() -> dict[str, pc.ProxyConfig]:
+    pods = [
+        *PODS,
+        pod("desk-0", "10.1.0.60", {"app": "desk", "version": "v1"}, "desk"),
+        pod("desk-v2-0", "10.1.0.61", {"app": "desk", "version": "v2"}, "desk"),
+    ]
+    rs = resources(SHOP + "---\n" + UNNAMED, pods)
+    return {
+        f"shop/{p['metadata']['name']}": pc.ProxyConfig.from_dict(
+            json.loads(json.dumps(config_of(rs, p["metadata"]["name"]).to_dict()))
+        )
+        for p in pods
+    }
+
+
+def engine_decision(config: pc.ProxyConfig, key: str, port: int, path: str) -> Any:
+    """What the source proxy's engine does with an HTTP request to the service."""
+    from proxy.conn import Address, Direction
+    from proxy.engine import Engine
+    from proxy.registry import Registry
+
+    engine = Engine()
+    engine.apply(Registry(config))
+    ip = service(config, key).cluster_ips[0]
+    return engine.request(Direction.OUTBOUND, Address(ip, port), b"GET", path.encode(), [], now=0)
+
+
+def test_an_unnamed_port_is_detected_and_its_http_route_applies(
+    desk: dict[str, pc.ProxyConfig],
+) -> None:
+    from proxy import detect
+    from proxy.conn import Protocol
+
+    src = desk["shop/frontend-0"]
+    assert service(src, "shop/desk").ports[0].protocol == "tcp"  # nothing declared
+    e = run(desk, "frontend-0", "desk", path="/v2/tickets")
+    assert e.detection == ex.DETECTED and e.protocol == "http"
+    assert e.route == "shop/desk rule 0"
+    assert [b.service for b in e.backends] == ["shop/desk-v2"]
+    text = ex.render_text(e.to_dict())
+    assert "detected at runtime: HTTP routes apply if the client speaks HTTP" in text
+    assert "Route:" in text and "none" not in text.split("Route:")[1].splitlines()[0]
+    # The proxy: an HTTP/1 request line is detected as HTTP/1 on this port (not an
+    # opaque one), and its engine applies the route explain names.
+    assert 80 not in ex.ports.SERVER_FIRST_PORTS
+    assert detect.detect(b"GET /v2/tickets HTTP/1.1\r\n") == detect.Detected(Protocol.HTTP1)
+    call = engine_decision(src, "shop/desk", 80, "/v2/tickets")
+    assert call.route == "shop/desk" and call.backend.key == "shop/desk-v2"
+    # The TCP fallback: no route, the service's own endpoints, connect retries only,
+    # and authorization as TCP (a methods rule never matches a TCP connection).
+    fb = e.tcp_fallback
+    assert fb is not None
+    assert [b.service for b in fb.backends] == ["shop/desk"]
+    assert fb.retry is not None and fb.retry.retry_on == ("connect-failure",)
+    assert fb.backends[0].authorization is not None
+    assert fb.backends[0].authorization.decision == "DENY"
+    assert e.backends[0].authorization is not None
+    assert e.backends[0].authorization.decision == "ALLOW"
+    assert "TCP fallback" in text
+
+
+def test_an_unnamed_port_without_a_matching_route_answers_404_as_the_engine_does(
+    desk: dict[str, pc.ProxyConfig],
+) -> None:
+    e = run(desk, "frontend-0", "desk", path="/other")
+    assert e.outcome == "no-route" and e.status == 404
+    reply = engine_decision(desk["shop/frontend-0"], "shop/desk", 80, "/other")
+    assert reply.status == 404
+
+
+def test_an_opaque_port_skips_detection_whatever_its_name(
+    desk: dict[str, pc.ProxyConfig],
+) -> None:
+    # 6379 is server-first in the proxy: the listener never sniffs it.
+    assert 6379 in ex.ports.SERVER_FIRST_PORTS
+    e = run(desk, "frontend-0", "cache", path="/v2/x")
+    assert e.detection == ex.OPAQUE and e.protocol == "tcp"
+    assert e.route is None and e.routes == () and e.tcp_fallback is None
+    assert [b.service for b in e.backends] == ["shop/cache"]
+    assert "opaque TCP: no protocol detection" in ex.render_text(e.to_dict())
+    # The source Pod's synchro.dev/opaque-ports make a port opaque the same way.
+    src = desk["shop/frontend-0"]
+    request = ex.Request("desk", None, "/v2/x", source_pod="shop/frontend-0")
+    opaque = ex.explain(src, {}, request, opaque_ports=frozenset({80}))
+    assert opaque.detection == ex.OPAQUE and opaque.route is None
+
+
+def test_a_declared_http_port_keeps_its_answer(shop: dict[str, pc.ProxyConfig]) -> None:
+    e = run(shop, "frontend-0", "catalog", path="/api/items")
+    assert e.detection == ex.DECLARED and e.tcp_fallback is None
