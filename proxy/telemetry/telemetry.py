@@ -34,7 +34,7 @@ from prometheus_client.exposition import choose_encoder
 from proxy.conn import Address, Direction
 from proxy.telemetry.accesslog import ACCESS_LOGGER, FORMATS, AccessLog
 from proxy.telemetry.metrics import ProxyMetrics
-from proxy.telemetry.propagation import extract, inject, new_span_id, new_trace_id, sample
+from proxy.telemetry.propagation import INVALID_SPAN, INVALID_TRACE, extract, inject, sample
 from proxy.telemetry.record import RequestRecord
 from proxy.telemetry.selfmetrics import LagWindow, SelfCollector, watch_loop_lag
 from proxy.telemetry.tracing import (
@@ -67,6 +67,11 @@ _CONTENT_TYPE: Final = b"content-type"
 _HOST: Final = b"host"
 _INTERESTING: Final = TRACE_HEADER_NAMES | {_REQUEST_ID, _USER_AGENT, _CONTENT_TYPE, _HOST}
 _OUTBOUND_NAMES: Final = frozenset({"source", "outbound"})
+# Every name `begin` may return (so a request without any of them keeps all its fields).
+_REPLACEABLE: Final = TRACE_HEADER_NAMES | {_REQUEST_ID}
+_LOW56: Final = (1 << 56) - 1
+# One draw per traced request: x-request-id (128 bits, top), trace id (128), span id (64).
+_RID_SHIFT: Final = 192
 
 # Metadata exchange, the small part of Istio's that metrics need: the caller's
 # sidecar names its workload to the callee's sidecar in this request field, so
@@ -245,6 +250,11 @@ def replace_trace_headers(headers: list[Header], trace_headers: list[Header]) ->
     `Telemetry.begin` returned). The same list when there is nothing to add."""
     if not trace_headers:
         return headers
+    for name, _ in headers:
+        if name.lower() in _REPLACEABLE:
+            break
+    else:
+        return headers + trace_headers  # nothing to drop: the common case
     replaced = {name for name, _ in trace_headers}
     kept = [
         (name, value)
@@ -304,6 +314,15 @@ class Telemetry:
             )
         self._tracing = self.exporter is not None
         self._percent = settings.trace_sampling
+        # `propagation.sample` for a new trace, precomputed: the low 56 bits of the
+        # trace id below this threshold mean sampled.
+        self._threshold = (
+            1 << 57
+            if self._percent >= 100.0
+            else -1
+            if self._percent <= 0.0
+            else int(self._percent / 100.0 * (1 << 56))
+        )
         # Headers are read only when something uses what they carry.
         self._scan = self._tracing or self.access_log is not None
         self._enabled = self._scan or self._observe
@@ -376,12 +395,9 @@ class Telemetry:
         if not self._enabled:
             return rec, []
         rec.http_version = http_version
-        rec.method = _text(method)
-        rec.authority = _text(authority)
-        rec.path = _text(path)
-        if peer is not None:
-            rec.peer_address = str(peer)
         if not self._scan:
+            # Metrics only: method, authority, path and peer feed only the access
+            # log and spans, so they are not even decoded.
             if protocol == "http":
                 for name, value in headers:
                     if len(name) == 12 and name.lower() == _CONTENT_TYPE:
@@ -389,7 +405,15 @@ class Telemetry:
                             rec.protocol = "grpc"
                         break
             return rec, []
-        return rec, self._read_headers(rec, headers)
+        out = self._read_headers(rec, headers)
+        if rec.sampled or self.access_log is not None:
+            rec.method = method.decode("latin-1") if isinstance(method, bytes) else method
+            if authority:  # else the Host field's, from _read_headers
+                rec.authority = _text(authority)
+            rec.path = path.decode("latin-1") if isinstance(path, bytes) else path
+            if peer is not None:
+                rec.peer_address = str(peer)
+        return rec, out
 
     def note_peer(
         self,
@@ -478,8 +502,10 @@ class Telemetry:
                 rec.destination_service = service
 
     def _record(self, direction: Direction | str, protocol: str, service: str) -> RequestRecord:
-        if isinstance(direction, Direction):
-            outbound = direction is Direction.OUTBOUND
+        if direction is Direction.OUTBOUND:
+            outbound = True
+        elif direction is Direction.INBOUND:
+            outbound = False
         else:
             outbound = direction in _OUTBOUND_NAMES
         rec = RequestRecord("source" if outbound else "destination", protocol, self._clock())
@@ -506,29 +532,50 @@ class Telemetry:
             if lowered in _INTERESTING:
                 found[lowered.decode("latin-1")] = value.decode("latin-1")
                 traced = traced or lowered in TRACE_HEADER_NAMES
-        if rec.protocol == "http" and found.get("content-type", "").startswith("application/grpc"):
-            rec.protocol = "grpc"
-        if not rec.authority and "host" in found:  # HTTP/1 names it in Host
-            rec.authority = found["host"]
+        if found:
+            if rec.protocol == "http" and found.get("content-type", "").startswith(
+                "application/grpc"
+            ):
+                rec.protocol = "grpc"
+            if not rec.authority and "host" in found:  # HTTP/1 names it in Host
+                rec.authority = found["host"]
         out: list[Header] = []
         request_id = found.get("x-request-id")
-        if request_id is None:
-            request_id = _uuid4(self._rng)
-            out.append((_REQUEST_ID, request_id.encode()))
-        rec.request_id = request_id
         parent = extract(found) if traced else None
         if not self._tracing:
+            if request_id is None:
+                request_id = _uuid4(self._rng)
+                out.append((_REQUEST_ID, request_id.encode()))
+            rec.request_id = request_id
             if parent is not None:
                 rec.trace_id = parent.trace_id
             return out
+        # Traced: every request needs a span id, most a trace id and a request id
+        # too, and the sampling decision. One draw of random bits and one hex
+        # conversion give all three; `propagation.new_trace_id`, `new_span_id`
+        # and `sample` say the same, one call each.
+        bits = (self._rng.getrandbits(320) & _UUID_VERSION_MASK_320) | _UUID_VERSION_4_320
+        hexed = bits.to_bytes(40, "big").hex()
+        if request_id is None:
+            request_id = (
+                f"{hexed[:8]}-{hexed[8:12]}-{hexed[12:16]}-{hexed[16:20]}-{hexed[20:32]}"
+            )
+            out.append((_REQUEST_ID, request_id.encode()))
+        rec.request_id = request_id
+        span_id = hexed[64:]
+        rec.span_id = span_id if span_id != INVALID_SPAN else _ONE_SPAN
         if parent is not None:
             rec.trace_id = parent.trace_id
             rec.parent_span_id = parent.span_id
             rec.tracestate = parent.tracestate
+            rec.sampled = sample(parent, rec.trace_id, self._percent)
         else:
-            rec.trace_id = new_trace_id(self._rng)
-        rec.span_id = new_span_id(self._rng)
-        rec.sampled = sample(parent, rec.trace_id, self._percent)
+            trace_id = hexed[32:64]
+            low = (bits >> 64) & _LOW56
+            if trace_id == INVALID_TRACE:
+                trace_id, low = _ONE_TRACE, 1
+            rec.trace_id = trace_id
+            rec.sampled = low < self._threshold
         if rec.sampled and "user-agent" in found:
             rec.extra["user_agent"] = found["user-agent"]
         # B3 apps keep getting B3 at every hop, next to W3C.
@@ -607,6 +654,11 @@ class Telemetry:
 
 _UUID_VERSION_MASK: Final = ~((0xF << 76) | (0xC << 60))
 _UUID_VERSION_4: Final = (0x4 << 76) | (0x8 << 60)
+# The same bits in the top 128 of the 320 random bits of a traced request.
+_UUID_VERSION_MASK_320: Final = ~(((0xF << 76) | (0xC << 60)) << _RID_SHIFT)
+_UUID_VERSION_4_320: Final = _UUID_VERSION_4 << _RID_SHIFT
+_ONE_TRACE: Final = f"{1:032x}"  # an all-zero id is invalid: propagation's `or 1`
+_ONE_SPAN: Final = f"{1:016x}"
 
 
 def _uuid4(rng: random.Random) -> str:
