@@ -9,7 +9,7 @@ by its traffic.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
@@ -48,6 +48,8 @@ TCP_LABELS = (
 )
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SIZE_BUCKETS = (0, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
+# response_code label values, made once (0: no response).
+_STATUS_TEXT = tuple(str(code) for code in range(600))
 
 
 class _Series:
@@ -85,6 +87,39 @@ class RequestCollector(Collector):
 
     def __init__(self) -> None:
         self.series: dict[tuple[str, ...], _Series] = {}
+
+    def observe_record(self, rec: RequestRecord) -> None:
+        """One finished request (`ProxyMetrics.observe_request`): the label tuple
+        and the four families' updates in one call, as this runs per request."""
+        status = rec.status
+        key = (
+            rec.reporter,
+            rec.source_workload,
+            rec.source_namespace,
+            rec.source_principal,
+            rec.destination_service,
+            rec.destination_workload,
+            rec.destination_namespace,
+            rec.destination_principal,
+            rec.protocol,
+            _STATUS_TEXT[status] if 0 <= status < 600 else str(status),
+            rec.grpc_status,
+            rec.flags,
+            rec.security_policy,
+            rec.route,
+            rec.backend,
+        )
+        s = self.series.get(key)
+        if s is None:
+            s = self.series[key] = _Series()
+        duration, req, resp = rec.duration, rec.request_bytes, rec.response_bytes
+        s.count += 1
+        s.dur[bisect_left(LATENCY_BUCKETS, duration)] += 1
+        s.dur_sum += duration
+        s.req[bisect_left(SIZE_BUCKETS, req)] += 1
+        s.req_sum += req
+        s.resp[bisect_left(SIZE_BUCKETS, resp)] += 1
+        s.resp_sum += resp
 
     def observe(self, key: tuple[str, ...], duration: float, req: int, resp: int) -> None:
         s = self.series.get(key)
@@ -125,6 +160,8 @@ class ProxyMetrics:
         r = self.registry
         self.request_series = RequestCollector()
         r.register(self.request_series)
+        # Per request: one call straight into the collector.
+        self.observe_request: Callable[[RequestRecord], None] = self.request_series.observe_record
         self.tcp_opened = Counter(
             "synchro_tcp_connections_opened", "TCP connections opened", TCP_LABELS, registry=r
         )
@@ -168,26 +205,6 @@ class ProxyMetrics:
         self.spans_exported = Counter(
             "synchro_spans_exported", "Spans the collector accepted", registry=r
         )
-
-    def observe_request(self, rec: RequestRecord) -> None:
-        key = (
-            rec.reporter,
-            rec.source_workload,
-            rec.source_namespace,
-            rec.source_principal,
-            rec.destination_service,
-            rec.destination_workload,
-            rec.destination_namespace,
-            rec.destination_principal,
-            rec.protocol,
-            str(rec.status),
-            rec.grpc_status,
-            rec.flags,
-            rec.security_policy,
-            rec.route,
-            rec.backend,
-        )
-        self.request_series.observe(key, rec.duration, rec.request_bytes, rec.response_bytes)
 
     def observe_tcp(self, rec: RequestRecord, *, opened: bool) -> None:
         key = (
