@@ -27,7 +27,7 @@ import h2.settings
 from h2.settings import SettingCodes
 from hyperframe.frame import RstStreamFrame
 
-from proxy.h2tuning import CachingDecoder, StatelessEncoder
+from proxy.h2tuning import CachingDecoder, PlainConfig, StatelessEncoder
 
 Header = tuple[bytes, bytes]
 
@@ -90,11 +90,17 @@ class GracefulH2Connection(h2.connection.H2Connection):
 
 
 def new_connection(*, client_side: bool, max_header_list_size: int) -> GracefulH2Connection:
-    config = h2.config.H2Configuration(
+    config = PlainConfig(
         client_side=client_side,
         header_encoding=None,
-        # proxy.h2headers validates every header block once, in one pass, as it
-        # builds the block to forward (h2's own checks cost several times more).
+        # Inbound blocks are validated once, in one pass, by proxy.h2headers as
+        # it builds the block to forward (h2's own checks cost several times
+        # more): field names and values (RFC 9113 8.2.1), pseudo-headers (8.3),
+        # connection-specific fields (8.2.2), TE. h2 itself still enforces what
+        # protects the framing whatever these flags say: content-length against
+        # the DATA received (8.1.1), HPACK limits (MAX_HEADER_LIST_SIZE), stream
+        # states and flow control. Outbound blocks are the validated inbound
+        # ones or the proxy's own, so h2 need not check them again.
         validate_outbound_headers=False,
         normalize_outbound_headers=False,
         validate_inbound_headers=False,

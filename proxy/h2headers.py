@@ -45,6 +45,21 @@ class MalformedHeaders(ValueError):
     """A header block HTTP/2 calls malformed (RFC 9113 8.1.1): a stream error."""
 
 
+# Fields seen to be valid (bounded): a repeated field costs one set lookup.
+_good_fields: set[tuple[bytes, bytes]] = set()
+_MAX_GOOD_FIELDS = 4096
+_MAX_GOOD_FIELD_LEN = 256
+
+
+def _check_new_field(header: Header) -> None:
+    name, value = header
+    _check_field(name, value)
+    if len(name) + len(value) <= _MAX_GOOD_FIELD_LEN:
+        if len(_good_fields) >= _MAX_GOOD_FIELDS:
+            _good_fields.clear()
+        _good_fields.add(header)
+
+
 def _check_field(name: bytes, value: bytes) -> None:
     if name not in _good_names:
         if _NAME.fullmatch(name) is None:
@@ -72,7 +87,8 @@ def request_headers(headers: Iterable[Header], new_request_id: Callable[[], byte
     # must stay never-indexed on the next hop (RFC 7541 7.1.3).
     for header in headers:
         name, value = header
-        _check_field(name, value)
+        if header not in _good_fields:
+            _check_new_field(header)
         if name[0] == 0x3A:  # ':'
             if regular or name not in _REQUEST_PSEUDO or name in pseudo:
                 raise MalformedHeaders(f"misplaced, unknown or repeated pseudo-header {name!r}")
@@ -110,7 +126,8 @@ def response_headers(headers: Iterable[Header]) -> list[Header]:
     regular = False
     for header in headers:
         name, value = header
-        _check_field(name, value)
+        if header not in _good_fields:
+            _check_new_field(header)
         if name[0] == 0x3A:
             if regular or name != b":status" or status is not None:
                 raise MalformedHeaders(f"misplaced, unknown or repeated pseudo-header {name!r}")
@@ -129,8 +146,9 @@ def trailer_headers(headers: Iterable[Header]) -> list[Header]:
     """Validate trailers (either direction): regular fields only."""
     out: list[Header] = []
     for header in headers:
-        name, value = header
-        _check_field(name, value)
+        name = header[0]
+        if header not in _good_fields:
+            _check_new_field(header)
         if name[0] == 0x3A:
             raise MalformedHeaders(f"pseudo-header {name!r} in trailers")
         if name in CONNECTION_SPECIFIC or name == b"te":

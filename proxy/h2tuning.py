@@ -29,6 +29,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.stream
 import hpack.hpack
 import hpack.table
 from hpack import Decoder, Encoder, HeaderTuple
@@ -237,7 +240,60 @@ class CachingDecoder(Decoder):
         return headers
 
 
+# -- h2 --------------------------------------------------------------------------
+
+_utf8_encode_headers = h2.stream.utf8_encode_headers
+
+
+def utf8_encode_headers(headers: Any) -> Any:
+    """h2's, without rebuilding every field when all names and values are bytes
+    already (the proxy's always are): h2 calls it for every block it sends."""
+    out = list(headers)
+    for header in out:
+        if type(header[0]) is not bytes or type(header[1]) is not bytes or len(header) != 2:
+            return _utf8_encode_headers(out)
+    return out
+
+
+class PlainConfig(h2.config.H2Configuration):
+    """An H2Configuration whose options are plain attributes.
+
+    The base class validates each option through a descriptor, and h2 reads
+    them several times per frame, each read a Python call. Plain class
+    attributes here shadow those descriptors, so the values set by the base
+    __init__ land in the instance dict; pass them as literals of the right type.
+    """
+
+    client_side = True
+    header_encoding = None
+    validate_outbound_headers = True
+    normalize_outbound_headers = True
+    split_outbound_cookies = False
+    validate_inbound_headers = True
+    normalize_inbound_headers = True
+
+
+def _fast_enum_hashes() -> None:
+    """h2's state machines look up (state, input) pairs in dicts several times
+    per frame, and a plain Enum hashes through a Python-level __hash__. Enum
+    members compare by identity, so identity hashing (C-level) is equivalent;
+    the transition tables are rebuilt with the new hashes."""
+    for cls in (
+        h2.stream.StreamInputs,
+        h2.connection.ConnectionState,
+        h2.connection.ConnectionInputs,
+    ):
+        if cls.__hash__ is not object.__hash__:
+            cls.__hash__ = object.__hash__  # type: ignore[assignment,method-assign]
+    # (A comprehension, not dict(): copying a dict keeps the old hashes.)
+    h2.stream._transitions = {k: v for k, v in h2.stream._transitions.items()}
+    machine = h2.connection.H2ConnectionStateMachine
+    machine._transitions = {k: v for k, v in machine._transitions.items()}
+
+
 def apply() -> None:
+    _fast_enum_hashes()
+    h2.stream.utf8_encode_headers = utf8_encode_headers  # type: ignore[assignment]
     hpack.hpack.decode_huffman = cached_decode_huffman
     hpack.hpack.log = _NoLog()  # type: ignore[assignment]
     hpack.table.log = _NoLog()  # type: ignore[assignment]

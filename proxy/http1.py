@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import socket
 import weakref
 from collections import deque
@@ -156,32 +155,6 @@ def error_response(
             b"" if head else body,
         )
     )
-
-
-class _RequestIds:
-    """Random (version 4) UUIDs from a batch of OS randomness: one getrandom()
-    call per 256 requests instead of one per request."""
-
-    __slots__ = ("_buf", "_pos")
-
-    def __init__(self) -> None:
-        self._buf = b""
-        self._pos = 0
-
-    def __call__(self) -> bytes:
-        pos = self._pos
-        if pos + 16 > len(self._buf):
-            self._buf = os.urandom(16 * 256)
-            pos = 0
-        self._pos = pos + 16
-        raw = bytearray(self._buf[pos : pos + 16])
-        raw[6] = (raw[6] & 0x0F) | 0x40
-        raw[8] = (raw[8] & 0x3F) | 0x80
-        h = raw.hex().encode()
-        return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
-
-
-_new_request_id: Final = _RequestIds()
 
 
 # ---------------------------------------------------------------------------
@@ -757,7 +730,7 @@ class _Conn:
     async def _forward(self, req: _Request, headers: hdrs.Headers, call: Call | None) -> bool:
         try:
             pieces, meta = hdrs.forward_request(
-                headers, new_request_id=_new_request_id, default_host=self.default_host
+                headers, new_request_id=hdrs.new_request_id, default_host=self.default_host
             )
         except ValueError as exc:
             raise BadRequest(f"bad header value: {exc}") from None

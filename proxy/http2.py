@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import weakref
 from typing import Any
 
@@ -51,6 +50,7 @@ from proxy.h2headers import (
     trailer_headers,
 )
 from proxy.h2pool import H2ConnectTimeout, H2Pool, H2UpstreamError, UpstreamConnection
+from proxy.headers import new_request_id
 from proxy.security import inbound
 from proxy.telemetry.telemetry import replace_trace_headers
 from proxy.traffic.flags import Flag
@@ -101,15 +101,6 @@ async def close_pool(ctx: ProxyContext) -> None:
     pool = _pools.pop(ctx, None)
     if pool is not None:
         await pool.close()
-
-
-def new_request_id() -> bytes:
-    """A random UUID (version 4) as text, as x-request-id carries it."""
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40
-    b[8] = (b[8] & 0x3F) | 0x80
-    h = b.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()
 
 
 async def serve(downstream: Downstream, ctx: ProxyContext) -> None:

@@ -3,6 +3,8 @@ against hpack's own (the reference) on the same inputs."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import hpack
 import pytest
 from hpack import HeaderTuple, NeverIndexedHeaderTuple
@@ -120,3 +122,27 @@ def test_caching_decoder_keeps_the_header_list_limit() -> None:
     decoder.max_header_list_size = 64
     with pytest.raises(hpack.OversizedHeaderListError):
         decoder.decode(data, raw=True)
+
+
+def test_h2_still_takes_text_headers_and_its_state_machines_still_run() -> None:
+    """The patched utf8_encode_headers falls back to h2's own for str (or 3-tuple)
+    fields, and h2's transition tables work with the identity enum hashes."""
+    import h2.stream
+
+    from proxy.h2conn import new_connection
+
+    fields: list[Any] = [(":method", "GET"), (b":path", b"/"), (b"x", b"y", True)]
+    assert h2.stream.utf8_encode_headers(fields) == [
+        (b":method", b"GET"),
+        (b":path", b"/"),
+        (b"x", b"y"),
+    ]
+    client = new_connection(client_side=True, max_header_list_size=1 << 16)
+    server = new_connection(client_side=False, max_header_list_size=1 << 16)
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    client.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":path", "/")], True)
+    events: list[Any] = server.receive_data(client.data_to_send())
+    assert events[-2].headers == [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/")]
+    assert client.config.client_side is True and server.config.client_side is False
+    assert server.config.validate_inbound_headers is False
