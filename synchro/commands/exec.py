@@ -2,8 +2,10 @@
 
 Like `kubectl exec`: the command runs in the Pod's network namespace (so its
 hosts file resolves Service names, and a meshed Pod's traffic goes through its
-proxy), with the container's environment, user and working directory. stdin,
-stdout and stderr are passed through; the exit status is the command's.
+proxy), with the container's environment, user, working directory and volumes
+(each at its mountPath, in a mount namespace of the command's own, as the
+container sees them). stdin, stdout and stderr are passed through; the exit
+status is the command's.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from synchro.commands import CommandError
 from synchro.commands.up import add_mesh_flag
 from synchro.local import mesh
+from synchro.local.mountns import Mount
 from synchro.local.netns import LocalError, wrap_argv
 from synchro.local.pod import PodStartError, resolve_command
 
@@ -25,7 +28,16 @@ def exec_argv(
 ) -> tuple[list[str], dict[str, str]]:
     env = {str(k): str(v) for k, v in (container.get("env") or {}).items()}
     argv = [resolve_command(command[0], env.get("PATH")), *command[1:]]
-    return wrap_argv(record["netns"], argv, container.get("uid"), container.get("gid")), env
+    mounts = [Mount.from_dict(m) for m in container.get("mounts") or []]
+    wrapped = wrap_argv(
+        record["netns"],
+        argv,
+        container.get("uid"),
+        container.get("gid"),
+        mounts,
+        container.get("cwd") if mounts else None,
+    )
+    return wrapped, env
 
 
 _LATE_FLAGS = {"-c": "container", "--container": "container", "--mesh": "mesh"}
@@ -80,7 +92,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     except (mesh.MeshError, PodStartError, LocalError) as exc:
         raise CommandError(str(exc)) from None
     cwd = container.get("cwd")
-    if cwd:
+    if cwd and not container.get("mounts"):  # else the mount helper changes to it
         try:
             os.chdir(cwd)
         except OSError as exc:

@@ -76,7 +76,14 @@ from synchro.local.manifests import (
     signature,
 )
 from synchro.local.netns import LocalError, Node, Process, base_env, wrap_argv
-from synchro.local.pod import Pod, PodStartError, probe_once, resolve_command, start_pod
+from synchro.local.pod import (
+    Pod,
+    PodStartError,
+    probe_once,
+    resolve_command,
+    spawn_step,
+    start_pod,
+)
 from synchro.local.podplan import APP, INIT, SIDECAR, PodSpecError, Step
 
 log = logging.getLogger(__name__)
@@ -89,6 +96,7 @@ API_PORT = 15012
 DASHBOARD_HOST = "127.0.0.1"
 DEFAULT_DASHBOARD_PORT = ports.CONTROLLER_METRICS_PORT
 CONTROLLER_CA_ENV = "SYNCHRO_CONTROLLER_CA"
+CONTROLLER_CA_FILE = "controller-ca.crt"
 INJECTED_ANNOTATION = "synchro.dev/status"
 TICK_SECONDS = 0.5
 PROBE_SECONDS = 1.0
@@ -471,6 +479,7 @@ class Supervisor:
                         "uid": step.uid,
                         "gid": step.gid,
                         "cwd": step.cwd,
+                        "mounts": [m.to_dict() for m in step.mounts],
                         "log": str(self.paths.pods_logs / r.key / f"{step.name}.log"),
                         "running": bool(proc and proc.alive()),
                         "exit_code": (
@@ -811,7 +820,14 @@ class Supervisor:
         if self._tokens is None:
             self._tokens = LocalTokens(_token_key(self.paths.tls / "token-key.pem"))
         token = self._tokens.mint(spec.namespace, spec.service_account, pod=spec.name)
-        files["synchro-token"] = {"synchro-token": token}
+        assert self.ca_path is not None
+        # The CA of the controller's certificate rides along, as a projected
+        # ServiceAccount volume carries ca.crt: the proxy sees only its volumes
+        # (its data volume covers /run/synchro, where the mesh keeps the CA).
+        files["synchro-token"] = {
+            "synchro-token": token,
+            CONTROLLER_CA_FILE: self.ca_path.read_text(),
+        }
         return files
 
     def start(self, r: PodRecord) -> None:
@@ -1086,13 +1102,9 @@ class Supervisor:
 
     def _restart(self, r: PodRecord, step: Step) -> None:
         assert r.pod is not None
-        env = {**base_env(), **step.env}
-        argv = [resolve_command(step.argv[0], env.get("PATH")), *step.argv[1:]]
         old = r.pod.processes[step.name]
         old.stop(0.1)  # reap; children that outlived it would hold its ports
-        proc = r.pod.net.spawn(
-            argv, name=step.name, uid=step.uid, gid=step.gid, env=env, cwd=step.cwd
-        )
+        proc = spawn_step(r.pod.net, step)
         with self.lock:
             r.pod.processes[step.name] = proc
             r.restarts[step.name] = r.restarts.get(step.name, 0) + 1
@@ -1248,8 +1260,27 @@ def _env_overrides(manifest: Mapping[str, Any], ca_path: str) -> dict[str, dict[
             names = {e.get("name") for e in c.get("env") or [] if isinstance(e, Mapping)}
             if "HOSTNAME" not in names:
                 out[str(c.get("name"))] = {"HOSTNAME": hostname}
-    out.setdefault(ports.PROXY_CONTAINER_NAME, {})[CONTROLLER_CA_ENV] = ca_path
+    out.setdefault(ports.PROXY_CONTAINER_NAME, {})[CONTROLLER_CA_ENV] = _proxy_ca_path(
+        spec, ca_path
+    )
     return out
+
+
+def _proxy_ca_path(spec: Mapping[str, Any], ca_path: str) -> str:
+    """Where the proxy container finds the controller's CA: in its token volume
+    (see `Supervisor._volume_files`), else at the mesh's own path."""
+    for key in ("initContainers", "containers"):
+        for c in spec.get(key) or []:
+            if not isinstance(c, Mapping) or c.get("name") != ports.PROXY_CONTAINER_NAME:
+                continue
+            for m in c.get("volumeMounts") or []:
+                if (
+                    isinstance(m, Mapping)
+                    and m.get("name") == "synchro-token"
+                    and not m.get("subPath")
+                ):
+                    return f"{str(m.get('mountPath', '')).rstrip('/')}/{CONTROLLER_CA_FILE}"
+    return ca_path
 
 
 def _default_container(spec: PodSpec) -> str:

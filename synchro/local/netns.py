@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from synchro.local.mountns import Mount, helper_argv
+
 log = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/run/netns")
@@ -179,14 +181,26 @@ def _tool(name: str) -> str:
     return path
 
 
-def wrap_argv(netns: str, argv: Sequence[str], uid: int | None, gid: int | None) -> list[str]:
-    """The command line that runs `argv` inside `netns` as `uid`/`gid`."""
+def wrap_argv(
+    netns: str,
+    argv: Sequence[str],
+    uid: int | None,
+    gid: int | None,
+    mounts: Sequence[Mount] = (),
+    cwd: str | None = None,
+) -> list[str]:
+    """The command line that runs `argv` inside `netns` as `uid`/`gid`, with the
+    container's volume `mounts` at their paths (and then in `cwd`, which may be
+    inside one of them)."""
     # Absolute paths: the command's own environment may have no useful PATH.
     out = [_tool("nsenter"), f"--net={NETNS_DIR / netns}", "--"]
     if (ETC_NETNS / netns).is_dir():
         # `ip netns exec` also bind-mounts /etc/netns/<netns>/* over /etc
         # (the per-Pod hosts file of `synchro up`).
         out = [_tool("ip"), "netns", "exec", netns]
+    if mounts:
+        # As root, before the uid switch: a mount namespace of the command's own.
+        out += helper_argv(mounts, cwd)
     if uid is not None or gid is not None:
         out += [_tool("setpriv"), "--clear-groups"]
         if uid is not None:
@@ -414,22 +428,25 @@ class PodNet:
         env: Mapping[str, str] | None = None,
         cwd: str | Path | None = None,
         log_path: Path | None = None,
+        mounts: Sequence[Mount] = (),
     ) -> Process:
         """Start `argv` in this namespace (stdout+stderr to a log file); returns at once.
 
         `env` is the whole environment (see `base_env()`); None inherits ours.
+        `mounts` are the container's volumes, seen at their paths by it alone.
         """
         pname = name or Path(argv[0]).name
         log_path = log_path or self.node.logdir / self.name / f"{pname}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as logf:
             popen = subprocess.Popen(
-                wrap_argv(self.netns, argv, uid, gid),
+                wrap_argv(self.netns, argv, uid, gid, mounts, str(cwd) if cwd else None),
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 env=dict(env) if env is not None else None,
-                cwd=cwd,
+                # With mounts the helper changes directory, once the volumes are there.
+                cwd=None if mounts else cwd,
                 start_new_session=True,
             )
         proc = Process(pname, popen, log_path, self.netns)
@@ -449,14 +466,17 @@ class PodNet:
         input: str | None = None,
         timeout: float = 30,
         check: bool = False,
+        mounts: Sequence[Mount] = (),
+        cwd: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run `argv` to completion in this namespace, capturing its output."""
         proc = subprocess.run(
-            wrap_argv(self.netns, argv, uid, gid),
+            wrap_argv(self.netns, argv, uid, gid, mounts, cwd),
             input=input,
             capture_output=True,
             text=True,
             env=dict(env) if env is not None else None,
+            cwd=None if mounts else cwd,
             timeout=timeout,
             check=False,
         )

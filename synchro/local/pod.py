@@ -128,9 +128,28 @@ def _argv(step: Step, argv: Sequence[str]) -> list[str]:
     return [resolve_command(argv[0], env.get("PATH")), *argv[1:]]
 
 
+def spawn_step(net: PodNet, step: Step, argv: Sequence[str] | None = None) -> Process:
+    """Start a container's process: its ids, environment, volumes and directory."""
+    return net.spawn(
+        argv if argv is not None else _argv(step, step.argv),
+        name=step.name,
+        uid=step.uid,
+        gid=step.gid,
+        env=_env_for(step),
+        cwd=step.cwd,
+        mounts=step.mounts,
+    )
+
+
 def _run_hook(pod: Pod, step: Step, argv: Sequence[str], *, timeout: float) -> None:
     proc = pod.net.exec(
-        _argv(step, argv), uid=step.uid, gid=step.gid, env=_env_for(step), timeout=timeout
+        _argv(step, argv),
+        uid=step.uid,
+        gid=step.gid,
+        env=_env_for(step),
+        timeout=timeout,
+        mounts=step.mounts,
+        cwd=step.cwd,
     )
     if proc.returncode != 0:
         raise PodStartError(
@@ -169,7 +188,15 @@ def _exec_probe(node: Node, pod_ip: str, probe: Probe) -> bool:
     env = {**base_env(), **probe.env}
     try:
         argv = [resolve_command(probe.command[0], env.get("PATH")), *probe.command[1:]]
-        proc = net.exec(argv, uid=probe.uid, gid=probe.gid, env=env, timeout=probe.timeout)
+        proc = net.exec(
+            argv,
+            uid=probe.uid,
+            gid=probe.gid,
+            env=env,
+            timeout=probe.timeout,
+            mounts=probe.mounts,
+            cwd=probe.cwd,
+        )
     except (PodStartError, OSError, subprocess.TimeoutExpired):
         return False
     return proc.returncode == 0
@@ -218,8 +245,10 @@ def _prepare_volumes(
         # Containers run as different uids (root, 1337) and share the volume.
         path.chmod(0o777)
         for filename, content in files.get(name, {}).items():
-            (path / filename).write_text(content)
-            (path / filename).chmod(0o644)
+            target = path / filename  # an item's path may name a subdirectory
+            target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            target.write_text(content)
+            target.chmod(0o644)
         out[name] = str(path)
     return out
 
@@ -276,14 +305,7 @@ def _start_steps(pod: Pod, *, wait_ready: bool, timeout: float) -> None:
         if step.kind == INIT:
             _run_init(pod, step, argv, timeout)
             continue
-        proc = pod.net.spawn(
-            argv,
-            name=step.name,
-            uid=step.uid,
-            gid=step.gid,
-            env=_env_for(step),
-            cwd=step.cwd,
-        )
+        proc = spawn_step(pod.net, step, argv)
         pod.processes[step.name] = proc
         log.info("%s/%s started (pid %d)", pod.name, step.name, proc.pid)
         if step.post_start:
@@ -298,9 +320,7 @@ def _start_steps(pod: Pod, *, wait_ready: bool, timeout: float) -> None:
 
 
 def _run_init(pod: Pod, step: Step, argv: Sequence[str], timeout: float) -> None:
-    proc = pod.net.spawn(
-        argv, name=step.name, uid=step.uid, gid=step.gid, env=_env_for(step), cwd=step.cwd
-    )
+    proc = spawn_step(pod.net, step, argv)
     try:
         code = proc.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -338,5 +358,6 @@ __all__ = [
     "inject_and_start",
     "probe_once",
     "resolve_command",
+    "spawn_step",
     "start_pod",
 ]

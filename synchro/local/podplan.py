@@ -4,19 +4,24 @@
 way the kubelet would run them: init containers one after another (a native
 sidecar, `restartPolicy: Always`, keeps running), then the app containers in
 order. Each step carries its argv (`command` + `args` with `$(VAR)` expanded),
-environment (literal values and the downward API), uid/gid, lifecycle hooks
-and probes. Images are ignored: the local runtime runs commands only.
+environment (literal values and the downward API), uid/gid, lifecycle hooks,
+probes and volume mounts (the local directory standing in for each volume, and
+its mountPath: the runtime mounts it there in the container's own mount
+namespace, see `mountns`). Images are ignored: the local runtime runs commands
+only.
 """
 
 from __future__ import annotations
 
 import math
+import posixpath
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from proxy import ports
+from synchro.local.mountns import Mount
 from webhook.annotations import quantity_value
 
 INIT = "init"
@@ -55,11 +60,14 @@ class Probe:
     timeout: float = 1.0
     period: float = 1.0
     failure_threshold: int = 3
+    initial_delay: float = 0.0
     # exec: the command, run in the Pod with the container's environment and ids.
     command: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     uid: int | None = None
     gid: int | None = None
+    mounts: tuple[Mount, ...] = ()
+    cwd: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,8 @@ class Step:
     pre_stop: tuple[str, ...] | None = None
     startup_probe: Probe | None = None
     readiness_probe: Probe | None = None
+    liveness_probe: Probe | None = None
+    mounts: tuple[Mount, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -180,7 +190,6 @@ def _env(
     container: Mapping[str, Any],
     pod: Mapping[str, Any],
     ctx: PodContext,
-    mounts: Mapping[str, str],
     where: str,
 ) -> dict[str, str]:
     env: dict[str, str] = {}
@@ -199,56 +208,38 @@ def _env(
                 kinds = ", ".join(sorted(source)) or "nothing"
                 raise PodSpecError(f"{here}.valueFrom: {kinds} is not supported locally")
         else:
-            # Remapped before expansion: `$(VAR)` brings its own, already remapped, value.
-            value = expand(_remap(str(item.get("value", "")), mounts), env)
+            value = expand(str(item.get("value", "")), env)
         env[name] = value
     return env
 
 
-def _mounts(container: Mapping[str, Any], ctx: PodContext, where: str) -> dict[str, str]:
-    """mountPath -> the local directory (or file, with subPath) standing in for it."""
-    out: dict[str, str] = {}
+def _mounts(container: Mapping[str, Any], ctx: PodContext, where: str) -> tuple[Mount, ...]:
+    """The container's volumeMounts: each local directory (or a file in it, with
+    subPath) and the path the container sees it at."""
+    out: dict[str, Mount] = {}
     for i, mount in enumerate(container.get("volumeMounts") or []):
         volume = mount.get("name")
         path = mount.get("mountPath")
         if volume not in ctx.volumes:
-            # An unknown volume has no local stand-in; paths into it stay as written.
+            # An unknown volume has no local stand-in: nothing is mounted for it.
             continue
         if not isinstance(path, str) or not path.startswith("/"):
             raise PodSpecError(f"{where}.volumeMounts[{i}].mountPath: expected an absolute path")
+        if ".." in path.split("/") or posixpath.normpath(path) == "/":
+            raise PodSpecError(f"{where}.volumeMounts[{i}].mountPath: {path!r} cannot be mounted")
         local = ctx.volumes[volume]
         sub = mount.get("subPath")
-        out[path.rstrip("/") or "/"] = f"{local}/{sub}" if sub else local
-    return out
+        if sub is not None and (
+            not isinstance(sub, str) or sub.startswith("/") or ".." in sub.split("/")
+        ):
+            raise PodSpecError(f"{where}.volumeMounts[{i}].subPath: expected a relative path")
+        source = f"{local}/{sub}" if sub else local
+        path = posixpath.normpath(path)
+        out[path] = Mount(path, source, read_only=bool(mount.get("readOnly")))
+    return tuple(out.values())
 
 
-# Where an absolute path may start inside a command line, a shell script or a
-# list variable: not after a character that would make it part of a longer
-# path or word ("http://host/data" does not mention the volume "/data").
-_PATH_START = r"(?<![\w./~-])"
-# ... and where it ends: at a separator, a quote or the end.
-_PATH_END = r"(?=/|$|[\s'\";:,=)|&<>])"
-
-
-def _remap(value: str, mounts: Mapping[str, str]) -> str:
-    """Paths inside mounted volumes, pointed at the volumes' local directories.
-
-    Containers name their volumes by mountPath anywhere in `command`, `args`,
-    env values and hooks (`python3 /opt/app/main.py`, `sh -c 'cat /etc/cfg/x'`,
-    `PYTHONPATH=/opt/app:/lib`); no mount namespace puts the volume there
-    locally, so every mention is rewritten instead."""
-    if not mounts or "/" not in value:
-        return value
-    paths = sorted((m for m in mounts if m != "/"), key=len, reverse=True)
-    if not paths:
-        return value
-    pattern = re.compile(_PATH_START + "(" + "|".join(map(re.escape, paths)) + ")" + _PATH_END)
-    return pattern.sub(lambda m: mounts[m.group(1)], value)
-
-
-def _argv(
-    container: Mapping[str, Any], env: Mapping[str, str], mounts: Mapping[str, str], where: str
-) -> tuple[str, ...]:
+def _argv(container: Mapping[str, Any], env: Mapping[str, str], where: str) -> tuple[str, ...]:
     command = container.get("command") or []
     args = container.get("args") or []
     if not command:
@@ -259,17 +250,17 @@ def _argv(
     for key, value in (("command", command), ("args", args)):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise PodSpecError(f"{where}.{key}: expected a list of strings")
-    return tuple(expand(_remap(part, mounts), env) for part in (*command, *args))
+    return tuple(expand(part, env) for part in (*command, *args))
 
 
 def _hook(
-    container: Mapping[str, Any], which: str, env: Mapping[str, str], mounts: Mapping[str, str]
+    container: Mapping[str, Any], which: str, env: Mapping[str, str]
 ) -> tuple[str, ...] | None:
     hook = (container.get("lifecycle") or {}).get(which) or {}
     command = (hook.get("exec") or {}).get("command")
     if not command:
         return None
-    return tuple(expand(_remap(str(part), mounts), env) for part in command)
+    return tuple(expand(str(part), env) for part in command)
 
 
 def _probe(
@@ -277,7 +268,8 @@ def _probe(
     key: str,
     env: Mapping[str, str],
     ids: tuple[int | None, int | None],
-    mounts: Mapping[str, str],
+    mounts: tuple[Mount, ...],
+    cwd: str | None,
 ) -> Probe | None:
     probe = container.get(key)
     if not isinstance(probe, Mapping):
@@ -285,29 +277,33 @@ def _probe(
     timeout = float(probe.get("timeoutSeconds", 1))
     period = float(probe.get("periodSeconds", 10))
     threshold = int(probe.get("failureThreshold", 3))
+    delay = float(probe.get("initialDelaySeconds", 0))
     action = probe.get("exec")
     if isinstance(action, Mapping):
         command = action.get("command")
         if not isinstance(command, list) or not command:
             return None
         # Like the kubelet: no shell; $(VAR) from the container's literal `value`s
-        # only (ExpandContainerCommandOnlyStatic); paths into volumes remapped.
+        # only (ExpandContainerCommandOnlyStatic); run with the container's mounts.
         static = {
             str(item.get("name")): env[str(item.get("name"))]
             for item in container.get("env") or []
             if isinstance(item, Mapping) and "valueFrom" not in item and item.get("name") in env
         }
-        argv = tuple(expand(_remap(str(part), mounts), static) for part in command)
+        argv = tuple(expand(str(part), static) for part in command)
         return Probe(
             "exec",
             0,
             timeout=timeout,
             period=period,
             failure_threshold=threshold,
+            initial_delay=delay,
             command=argv,
             env=env,
             uid=ids[0],
             gid=ids[1],
+            mounts=mounts,
+            cwd=cwd,
         )
     for kind in ("httpGet", "tcpSocket"):
         action = probe.get(kind)
@@ -323,6 +319,7 @@ def _probe(
                 timeout=timeout,
                 period=period,
                 failure_threshold=threshold,
+                initial_delay=delay,
             )
     return None  # grpc probes are not run locally (an injected Pod's go through its proxy)
 
@@ -364,24 +361,31 @@ def _step(
     if not isinstance(name, str) or not name:
         raise PodSpecError(f"{where}.name: expected a non-empty string")
     mounts = _mounts(container, ctx, where)
-    env = {**_env(container, pod, ctx, mounts, where), **overrides}
+    env = {**_env(container, pod, ctx, where), **overrides}
     spec = pod.get("spec") or {}
     uid, gid = _ids(
         container, spec.get("securityContext") or {}, proxy=name == ports.PROXY_CONTAINER_NAME
     )
     working_dir = container.get("workingDir")
+    cwd = working_dir if isinstance(working_dir, str) and working_dir else None
+
+    def probe(key: str) -> Probe | None:
+        return _probe(container, key, env, (uid, gid), mounts, cwd)
+
     return Step(
         name=name,
         kind=kind,
-        argv=_argv(container, env, mounts, where),
+        argv=_argv(container, env, where),
         env=env,
         uid=uid,
         gid=gid,
-        cwd=_remap(working_dir, mounts) if isinstance(working_dir, str) else None,
-        post_start=_hook(container, "postStart", env, mounts),
-        pre_stop=_hook(container, "preStop", env, mounts),
-        startup_probe=_probe(container, "startupProbe", env, (uid, gid), mounts),
-        readiness_probe=_probe(container, "readinessProbe", env, (uid, gid), mounts),
+        cwd=cwd,
+        post_start=_hook(container, "postStart", env),
+        pre_stop=_hook(container, "preStop", env),
+        startup_probe=probe("startupProbe"),
+        readiness_probe=probe("readinessProbe"),
+        liveness_probe=probe("livenessProbe"),
+        mounts=mounts,
     )
 
 

@@ -139,3 +139,65 @@ def test_a_live_runs_namespaces_are_left_alone(node: Node) -> None:
     node.add_pod("x")
     netns.cleanup_prefix("synt", only_dead_owners=True)
     assert f"{node.prefix}-x" in netns.list_netns()
+
+
+def test_volumes_are_mounted_at_their_paths_for_the_container_alone(node: Node) -> None:
+    """A program opens its volumes by paths of its own (none on its command line):
+    missing directories under `/` and deeper, an existing one covered, a subPath file,
+    a read-only mount; hooks, exec probes and `exec` see the same; the host sees none."""
+    program = textwrap.dedent(
+        """
+        import os, time
+        cfg = open("/config/app.yaml").read()
+        open("/opt/synchro-test-code/ran", "w").write("yes")
+        open("seen.tmp", "w").write(cfg + os.getcwd() + "\\n" + open("/etc/one.conf").read())
+        os.replace("seen.tmp", "/state/seen")
+        time.sleep(60)
+        """
+    )
+    pod = {
+        "metadata": {"name": "vols"},
+        "spec": {
+            "containers": [
+                {
+                    "name": "app",
+                    "command": [sys.executable, "-c", program],
+                    "workingDir": "/state",
+                    "volumeMounts": [
+                        {"name": "state", "mountPath": "/state"},
+                        {"name": "cfg", "mountPath": "/config", "readOnly": True},
+                        {"name": "cfg", "mountPath": "/etc/one.conf", "subPath": "one.conf"},
+                        {"name": "code", "mountPath": "/opt/synchro-test-code"},
+                        {"name": "cover", "mountPath": "/srv"},
+                        {"name": "code", "mountPath": "/state/nested/code"},
+                    ],
+                    "lifecycle": {"postStart": {"exec": {"command": ["touch", "/state/hooked"]}}},
+                    "readinessProbe": {"exec": {"command": ["test", "-f", "/state/seen"]}},
+                }
+            ],
+            "volumes": [{"name": n, "emptyDir": {}} for n in ("state", "cfg", "code", "cover")],
+        },
+    }
+    files = {"cfg": {"app.yaml": "greeting: hi\n", "one.conf": "one\n"}}
+    running = start_pod(node, pod, volume_files=files, timeout=20)
+    step = running.plan.step("app")
+
+    def inside(*argv: str) -> subprocess.CompletedProcess[str]:
+        return running.exec(list(argv), mounts=step.mounts, cwd=step.cwd)
+
+    seen = inside("cat", "/state/seen")
+    assert seen.stdout == "greeting: hi\n/state\none\n", seen.stderr
+    assert inside("cat", "/opt/synchro-test-code/ran").stdout == "yes"
+    assert inside("test", "-f", "/state/hooked").returncode == 0
+    assert inside("pwd").stdout.strip() == "/state"
+    assert inside("ls", "/srv").stdout == ""  # covered by its (empty) volume
+    # A mount inside another volume gets its mount point made in that volume.
+    assert inside("cat", "/state/nested/code/ran").stdout == "yes"
+    assert (Path(node.rundir) / "volumes" / "vols" / "state" / "nested" / "code").is_dir()
+    assert "Read-only" in inside("touch", "/config/x").stderr
+    # The rest of the machine is as it was, in there too.
+    assert inside("test", "-x", sys.executable).returncode == 0
+    assert inside("test", "-d", "/run/netns").returncode == 0
+    for path in ("/state", "/config", "/opt/synchro-test-code", "/etc/one.conf"):
+        assert not Path(path).exists(), path
+    assert not [p for p in os.listdir("/tmp") if p.startswith(".synchro-root-")]

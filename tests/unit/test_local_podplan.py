@@ -9,6 +9,8 @@ import pytest
 
 from proxy import ports
 from proxy.init.options import InterceptOptions
+from synchro.local import mountns
+from synchro.local.mountns import Mount
 from synchro.local.podplan import (
     APP,
     INIT,
@@ -64,9 +66,13 @@ def test_an_injected_pod_runs_init_then_proxy_then_app(native: bool) -> None:
     assert proxy.env["POD_IP"] == "10.213.0.7"
     assert proxy.env["POD_NAME"] == "web-1" and proxy.env["POD_NAMESPACE"] == "demo"
     assert proxy.env["SERVICE_ACCOUNT"] == "web-sa"
-    # Paths inside mounted volumes point at the volume's local directory.
-    assert proxy.env["SYNCHRO_DATA_DIR"] == "/tmp/x/data"
-    assert proxy.env["SYNCHRO_TOKEN_FILE"].startswith("/tmp/x/token/")
+    # Paths stay as written: the volumes are mounted there for the proxy alone.
+    assert proxy.env["SYNCHRO_DATA_DIR"] == "/var/run/synchro"
+    assert proxy.env["SYNCHRO_TOKEN_FILE"].startswith("/var/run/secrets/synchro/tokens/")
+    assert set(proxy.mounts) == {
+        Mount("/var/run/secrets/synchro/tokens", "/tmp/x/token", read_only=True),
+        Mount("/var/run/synchro", "/tmp/x/data"),
+    }
     assert proxy.pre_stop == ("synchro-proxy", "drain")
     if native:
         assert proxy.startup_probe == Probe(
@@ -135,42 +141,56 @@ def test_a_pod_without_containers_is_refused() -> None:
         plan_pod({"metadata": {"name": "x"}, "spec": {}}, CTX)
 
 
-def test_paths_into_volumes_are_remapped_in_commands_scripts_env_and_hooks() -> None:
+def test_volumes_are_mounted_at_their_paths_which_stay_as_written() -> None:
     ctx = PodContext(
         name="web-1",
         namespace="demo",
         ip="10.213.0.7",
-        volumes={"code": "/var/local/code", "run": "/var/local/run"},
+        volumes={"code": "/var/local/code", "run": "/var/local/run", "cfg": "/var/local/cfg"},
     )
     pod = manifest(
         command=["python3", "/opt/app/main.py", "--config=/etc/app/cfg.yaml"],
-        args=["sh -c 'cat /etc/app/x; curl http://host/opt/app/y' $(CODE)/z"],
-        env=[
-            {"name": "CODE", "value": "/opt/app"},
-            {"name": "PYTHONPATH", "value": "/opt/app:/usr/lib/py"},
-            {"name": "LONGER", "value": "/opt/application/main.py"},
-            {"name": "SELF", "value": "$(CODE)"},
-        ],
+        env=[{"name": "CODE", "value": "/opt/app"}, {"name": "SELF", "value": "$(CODE)/x"}],
         lifecycle={"preStop": {"exec": {"command": ["/opt/app/stop.sh"]}}},
         workingDir="/opt/app",
+        livenessProbe={"httpGet": {"port": 8080}, "initialDelaySeconds": 5},
         volumeMounts=[
-            {"name": "code", "mountPath": "/opt/app"},
-            {"name": "run", "mountPath": "/opt"},  # a prefix of another mount: longest wins
-            {"name": "cfg", "mountPath": "/etc/app"},  # no local stand-in: left alone
+            {"name": "code", "mountPath": "/opt/app/"},
+            {"name": "run", "mountPath": "/opt"},
+            {"name": "cfg", "mountPath": "/etc/app/cfg.yaml", "subPath": "app.yaml"},
+            {"name": "cfg", "mountPath": "/etc/ro", "readOnly": True},
+            {"name": "gone", "mountPath": "/nowhere"},  # no local stand-in: not mounted
         ],
     )
     web = plan_pod(pod, ctx).step("web")
-    assert web.argv == (
-        "python3",
-        "/var/local/code/main.py",
-        "--config=/etc/app/cfg.yaml",
-        "sh -c 'cat /etc/app/x; curl http://host/opt/app/y' /var/local/code/z",
+    assert web.argv == ("python3", "/opt/app/main.py", "--config=/etc/app/cfg.yaml")
+    assert web.env["SELF"] == "/opt/app/x" and web.pre_stop == ("/opt/app/stop.sh",)
+    assert web.cwd == "/opt/app"
+    assert web.mounts == (
+        Mount("/opt/app", "/var/local/code"),
+        Mount("/opt", "/var/local/run"),
+        Mount("/etc/app/cfg.yaml", "/var/local/cfg/app.yaml"),
+        Mount("/etc/ro", "/var/local/cfg", read_only=True),
     )
-    assert web.env["CODE"] == "/var/local/code" and web.env["SELF"] == "/var/local/code"
-    assert web.env["PYTHONPATH"] == "/var/local/code:/usr/lib/py"
-    assert web.env["LONGER"] == "/var/local/run/application/main.py"
-    assert web.pre_stop == ("/var/local/code/stop.sh",)
-    assert web.cwd == "/var/local/code"
+    # The kubelet's order: parents first.
+    assert [m.path for m in mountns.order(web.mounts)][:2] == ["/opt", "/etc/ro"]
+    assert web.liveness_probe is not None and web.liveness_probe.initial_delay == 5.0
+
+
+@pytest.mark.parametrize(
+    ("mount", "field"),
+    [
+        ({"name": "code", "mountPath": "relative"}, "mountPath"),
+        ({"name": "code", "mountPath": "/"}, "mountPath"),
+        ({"name": "code", "mountPath": "/a/../../b"}, "mountPath"),
+        ({"name": "code", "mountPath": "/a", "subPath": "../up"}, "subPath"),
+        ({"name": "code", "mountPath": "/a", "subPath": "/abs"}, "subPath"),
+    ],
+)
+def test_bad_mounts_are_named(mount: dict[str, Any], field: str) -> None:
+    ctx = PodContext(name="w", namespace="d", ip="10.0.0.1", volumes={"code": "/v"})
+    with pytest.raises(PodSpecError, match=rf"volumeMounts\[0\]\.{field}"):
+        plan_pod(manifest(volumeMounts=[mount]), ctx)
 
 
 def test_resource_field_refs_give_requests_and_limits_in_divisor_units() -> None:
@@ -226,8 +246,9 @@ def test_exec_probes_carry_their_command_environment_and_ids() -> None:
     web = plan_pod(pod, ctx).step("web")
     probe = web.readiness_probe
     assert probe is not None and probe.kind == "exec"
-    # The kubelet expands literal env values only; volume paths point at the stand-in.
-    assert probe.command == ("test", "-f", "/var/x/run/ready", "strict", "$(POD)")
+    # The kubelet expands literal env values only; it runs with the container's volumes.
+    assert probe.command == ("test", "-f", "/run/app/ready", "strict", "$(POD)")
+    assert probe.mounts == (Mount("/run/app", "/var/x/run"),) == web.mounts
     assert probe.env["MODE"] == "strict" and probe.uid == 1000
     assert (probe.period, probe.timeout) == (2.0, 3.0)
     assert web.startup_probe is None  # grpc: the proxy runs it for an injected Pod
