@@ -66,7 +66,7 @@ import jsonpatch
 import yaml
 
 from proxy import ports
-from synchro.local import hosts, netns, relay, servicenat
+from synchro.local import hosts, netns, probes, relay, servicenat
 from synchro.local.manifests import (
     ManifestError,
     Manifests,
@@ -84,7 +84,7 @@ from synchro.local.pod import (
     spawn_step,
     start_pod,
 )
-from synchro.local.podplan import APP, INIT, SIDECAR, PodSpecError, Step
+from synchro.local.podplan import APP, INIT, SIDECAR, PodSpecError, Probe, Step
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +367,10 @@ class PodRecord:
     failures: dict[str, int] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     restart_at: dict[str, float] = field(default_factory=dict)
+    # Liveness probing per container, its (re)start time, why the mesh last killed it.
+    liveness: dict[str, probes.Liveness] = field(default_factory=dict)
+    started: dict[str, float] = field(default_factory=dict)
+    kill_reason: dict[str, str] = field(default_factory=dict)
     reported: tuple[str, bool] | None = None
     since: float = field(default_factory=time.monotonic)
     ready_seconds: float | None = None
@@ -488,6 +492,7 @@ class Supervisor:
                             else proc.popen.returncode
                         ),
                         "restarts": r.restarts.get(step.name, 0),
+                        "last_kill_reason": r.kill_reason.get(step.name, ""),
                     }
                 )
         return {
@@ -856,6 +861,7 @@ class Supervisor:
             )
             with self.lock:
                 r.pod = pod
+                r.started = dict.fromkeys(pod.processes, time.monotonic())
                 self.names_dirty = True
             self._link_logs(r)
             self._set(r, RUNNING)
@@ -1043,10 +1049,12 @@ class Supervisor:
             proc = pod.processes.get(step.name)
             if step.kind != INIT and proc is not None and not proc.alive():
                 dead.append(step)
-        if r.spec.job:
-            apps = [s for s in pod.plan.steps if s.kind == APP]
-            if apps and all(s in dead for s in apps):
-                codes = {s.name: pod.processes[s.name].popen.returncode for s in apps}
+        policy = probes.restart_policy(r.spec.manifest.get("spec"))
+        apps = [s for s in pod.plan.steps if s.kind == APP]
+        if apps and all(s in dead for s in apps):
+            codes = {s.name: pod.processes[s.name].popen.returncode for s in apps}
+            # A Job's Pod, or one whose restartPolicy starts none of them again, is done.
+            if r.spec.job or not any(probes.restarts(policy, c) for c in codes.values()):
                 failed = {n: c for n, c in codes.items() if c != 0}
                 pod.stop(self.options.grace)  # the sidecars go when the Job's work is done
                 with self.lock:
@@ -1062,7 +1070,8 @@ class Supervisor:
         ready = True
         for step in dead:
             ready = False
-            if step.kind == APP and r.spec.job:
+            code = pod.processes[step.name].popen.returncode
+            if step.kind == APP and (r.spec.job or not probes.restarts(policy, code)):
                 continue
             due = r.restart_at.get(step.name)
             if due is None:
@@ -1073,11 +1082,16 @@ class Supervisor:
                     "%s/%s exited %s; restarting in %.0fs",
                     r.spec.ref,
                     step.name,
-                    pod.processes[step.name].popen.returncode,
+                    code,
                     delay,
                 )
             elif now >= due:
                 self._restart(r, step)
+        for step in pod.plan.steps:
+            probe = step.liveness_probe
+            live = step.kind in (SIDECAR, APP) and probe is not None and step not in dead
+            if live and probe is not None and not self._alive(r, step, probe, now):
+                ready = False
         for step in pod.plan.steps:
             if (
                 step.kind in (SIDECAR, APP)
@@ -1100,6 +1114,33 @@ class Supervisor:
                     r.ready_seconds = round(time.monotonic() - r.since, 2)
             self._set(r, READY if ready else RUNNING)
 
+    def _alive(self, r: PodRecord, step: Step, probe: Probe, now: float) -> bool:
+        """Run the container's liveness probe when due; kill it after failureThreshold
+        failures in a row (the restart loop starts it again, by restartPolicy)."""
+        assert r.pod is not None and self.node is not None
+        state = r.liveness.get(step.name) or probes.start(probe, r.started.get(step.name, r.since))
+        if not probes.due(state, now):
+            r.liveness[step.name] = state
+            return True
+        ok = probe_once(self.node, r.ip, probe)
+        state, action = probes.observe(state, probe, ok, now)
+        r.liveness[step.name] = state
+        if action is probes.Action.NONE:
+            return True
+        what = " ".join(probe.command) if probe.kind == "exec" else f"on port {probe.port}"
+        reason = f"liveness probe ({probe.kind} {what}) failed {state.failures} times in a row"
+        log.warning("%s/%s: %s; killing it", r.spec.ref, step.name, reason)
+        proc = r.pod.processes[step.name]
+        with contextlib.suppress(OSError), open(proc.log_path, "a") as logf:
+            # In the container's own log too: `synchro logs` shows why it restarted.
+            logf.write(f"synchro: {reason}; killing the container\n")
+        proc.stop(self.options.grace)
+        with self.lock:
+            r.kill_reason[step.name] = reason
+            r.liveness.pop(step.name, None)
+        self.save_status()
+        return False
+
     def _restart(self, r: PodRecord, step: Step) -> None:
         assert r.pod is not None
         old = r.pod.processes[step.name]
@@ -1109,6 +1150,8 @@ class Supervisor:
             r.pod.processes[step.name] = proc
             r.restarts[step.name] = r.restarts.get(step.name, 0) + 1
             r.restart_at.pop(step.name, None)
+            r.started[step.name] = time.monotonic()
+            r.liveness.pop(step.name, None)
         log.info("%s/%s restarted (pid %d)", r.spec.ref, step.name, proc.pid)
         self.save_status()
 
