@@ -86,6 +86,9 @@ class UpstreamConnection(Endpoint, asyncio.Protocol):
         self.idle_timeout: float | None = None
         # Resolves with the server's first SETTINGS; fails if the connection dies first.
         self.settled: asyncio.Future[None] = pool.loop.create_future()
+        # The server's MAX_CONCURRENT_STREAMS, kept here because every dispatch
+        # reads it (through h2's Settings it is two Python calls).
+        self.max_streams = self.h2.remote_settings.max_concurrent_streams
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -149,6 +152,7 @@ class UpstreamConnection(Endpoint, asyncio.Protocol):
             if owner is not None:
                 owner.up_informational(ev.headers)
         elif isinstance(ev, _EV_SETTINGS):
+            self.max_streams = self.h2.remote_settings.max_concurrent_streams
             if not self.settled.done():
                 self.settled.set_result(None)
             if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
@@ -177,11 +181,7 @@ class UpstreamConnection(Endpoint, asyncio.Protocol):
 
     @property
     def has_capacity(self) -> bool:
-        return (
-            self.alive
-            and not self.goaway
-            and len(self.streams) < self.h2.remote_settings.max_concurrent_streams
-        )
+        return self.alive and not self.goaway and len(self.streams) < self.max_streams
 
     def open_stream(self, owner: UpstreamStream, headers: list[Header], end_stream: bool) -> int:
         """Send the request headers on a new stream; raises H2UpstreamError when it cannot."""

@@ -34,6 +34,7 @@ import h2.connection
 import h2.stream
 import hpack.hpack
 import hpack.table
+import hyperframe.flags
 from hpack import Decoder, Encoder, HeaderTuple
 from hpack.hpack import encode_integer
 from hpack.huffman import HuffmanEncoder
@@ -291,7 +292,26 @@ def _fast_enum_hashes() -> None:
     machine._transitions = {k: v for k, v in machine._transitions.items()}
 
 
+# Valid flag names per frame class (its defined_flags list, which lives as long
+# as the class): hyperframe builds that set anew for every frame.
+_flag_names: dict[int, tuple[object, frozenset[str]]] = {}
+
+
+def _flags_init(self: hyperframe.flags.Flags, defined_flags: Any) -> None:
+    entry = _flag_names.get(id(defined_flags))
+    if entry is None or entry[0] is not defined_flags:
+        names = frozenset(flag.name for flag in defined_flags)
+        if type(defined_flags) not in (list, tuple):  # not known to be re-iterable
+            self._valid_flags = set(names)
+            self._flags = set()
+            return
+        entry = _flag_names[id(defined_flags)] = (defined_flags, names)
+    self._valid_flags = entry[1]  # type: ignore[assignment]
+    self._flags = set()
+
+
 def apply() -> None:
+    hyperframe.flags.Flags.__init__ = _flags_init  # type: ignore[method-assign]
     _fast_enum_hashes()
     h2.stream.utf8_encode_headers = utf8_encode_headers  # type: ignore[assignment]
     hpack.hpack.decode_huffman = cached_decode_huffman

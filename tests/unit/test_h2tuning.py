@@ -146,3 +146,15 @@ def test_h2_still_takes_text_headers_and_its_state_machines_still_run() -> None:
     assert events[-2].headers == [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/")]
     assert client.config.client_side is True and server.config.client_side is False
     assert server.config.validate_inbound_headers is False
+
+
+def test_frames_still_refuse_flags_they_do_not_define() -> None:
+    from hyperframe.frame import DataFrame, HeadersFrame
+
+    headers, data = HeadersFrame(1), DataFrame(1)
+    headers.flags.add("END_HEADERS")
+    data.flags.add("END_STREAM")
+    assert "END_HEADERS" in headers.flags and "END_HEADERS" not in data.flags
+    with pytest.raises(ValueError, match="Unexpected flag"):
+        data.flags.add("END_HEADERS")
+    assert DataFrame(3).flags == set()  # no flag leaks from one frame to the next
