@@ -44,6 +44,7 @@ from bench._common import (
     Proc,
     Processes,
     free_port,
+    host_busy_seconds,
     percentile,
     plan_placement,
     tree_cpu_seconds,
@@ -186,6 +187,7 @@ class Measured:
     seconds: float
     server_cpu_s: float
     client_cpu_s: float
+    other_cpus_busy: float  # CPUs that other processes kept busy during the timed run
 
 
 async def measure(
@@ -208,7 +210,9 @@ async def measure(
         _, _, warm = await run_load(connections, host, port, WARMUP, "warmup")
         server_before = tree_cpu_seconds([server_pid]) if server_pid else 0.0
         client_before = time.process_time()
+        host_before = host_busy_seconds()
         latencies, seconds, answers = await run_load(connections, host, port, requests, "review")
+        host_busy = host_busy_seconds() - host_before
         client_cpu_s = time.process_time() - client_before
         server_cpu_s = (tree_cpu_seconds([server_pid]) if server_pid else 0.0) - server_before
     finally:
@@ -216,7 +220,9 @@ async def measure(
             writer.close()
     for uid, answer in (*warm, *answers):
         _check(answer, uid)
-    return Measured(latencies, seconds, server_cpu_s, client_cpu_s)
+    # With --url the server's CPU time is unknown and counts as "other".
+    other = max(0.0, host_busy - server_cpu_s - client_cpu_s) / seconds
+    return Measured(latencies, seconds, server_cpu_s, client_cpu_s, other)
 
 
 @dataclass(frozen=True)
@@ -232,6 +238,7 @@ class Result:
     client_cpu: str
     server_cpu_us_per_review: float  # 0 for --url
     client_cpu_us_per_review: float
+    other_cpus_busy: float  # above ~0.1 the latency figures are disturbed by other work
 
 
 def start_controller(
@@ -328,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         client_cpu=",".join(map(str, sorted(placement.load))) or "any",
         server_cpu_us_per_review=round(measured.server_cpu_s / len(latencies) * 1e6, 1),
         client_cpu_us_per_review=round(measured.client_cpu_s / len(latencies) * 1e6, 1),
+        other_cpus_busy=round(measured.other_cpus_busy, 2),
     )
     if args.json:
         print(json.dumps(asdict(result)))
@@ -337,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{result.reviews_per_second} reviews/s, p50 {result.p50_ms} ms, "
             f"p99 {result.p99_ms} ms, max {result.max_ms} ms "
             f"(server on CPU {result.server_cpu}: {result.server_cpu_us_per_review} us CPU/review; "
-            f"client on CPU {result.client_cpu}: {result.client_cpu_us_per_review} us CPU/review)"
+            f"client on CPU {result.client_cpu}: {result.client_cpu_us_per_review} us CPU/review; "
+            f"other processes kept {result.other_cpus_busy} CPUs busy)"
         )
     return 0
 
