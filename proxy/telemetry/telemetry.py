@@ -69,9 +69,7 @@ _INTERESTING: Final = TRACE_HEADER_NAMES | {_REQUEST_ID, _USER_AGENT, _CONTENT_T
 _OUTBOUND_NAMES: Final = frozenset({"source", "outbound"})
 # Every name `begin` may return (so a request without any of them keeps all its fields).
 _REPLACEABLE: Final = TRACE_HEADER_NAMES | {_REQUEST_ID}
-_LOW56: Final = (1 << 56) - 1
-# One draw per traced request: x-request-id (128 bits, top), trace id (128), span id (64).
-_RID_SHIFT: Final = 192
+_LOW56: Final = (1 << 56) - 1  # the trace id bits that decide sampling
 
 # Metadata exchange, the small part of Istio's that metrics need: the caller's
 # sidecar names its workload to the callee's sidecar in this request field, so
@@ -243,6 +241,10 @@ def setup_access_logger(stream: IO[str] | None = None) -> None:
 
 def _text(value: str | bytes) -> str:
     return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+def _decoded(found: Mapping[bytes, bytes]) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in found.items()}
 
 
 def replace_trace_headers(headers: list[Header], trace_headers: list[Header]) -> list[Header]:
@@ -525,61 +527,60 @@ class Telemetry:
         return rec
 
     def _read_headers(self, rec: RequestRecord, headers: Iterable[Header]) -> list[Header]:
-        found: dict[str, str] = {}
+        # Raw bytes, decoded only where something uses them: most requests carry
+        # none of these fields but Host.
+        found: dict[bytes, bytes] = {}
         traced = False
         for name, value in headers:
             lowered = name.lower()
             if lowered in _INTERESTING:
-                found[lowered.decode("latin-1")] = value.decode("latin-1")
+                found[lowered] = value
                 traced = traced or lowered in TRACE_HEADER_NAMES
-        if found:
-            if rec.protocol == "http" and found.get("content-type", "").startswith(
-                "application/grpc"
-            ):
-                rec.protocol = "grpc"
-            if not rec.authority and "host" in found:  # HTTP/1 names it in Host
-                rec.authority = found["host"]
+        ctype = found.get(_CONTENT_TYPE)
+        if ctype is not None and rec.protocol == "http" and ctype.startswith(b"application/grpc"):
+            rec.protocol = "grpc"
+        parent = extract(_decoded(found)) if traced else None
+        given_id = found.get(_REQUEST_ID)
+        if given_id is not None:
+            rec.request_id = given_id.decode("latin-1")
         out: list[Header] = []
-        request_id = found.get("x-request-id")
-        parent = extract(found) if traced else None
-        if not self._tracing:
-            if request_id is None:
-                request_id = _uuid4(self._rng)
-                out.append((_REQUEST_ID, request_id.encode()))
-            rec.request_id = request_id
+        if self._tracing:
+            # A span id for every request, a trace id and the sampling decision for
+            # a new trace: one draw and one hex conversion (what
+            # `propagation.new_trace_id`, `new_span_id` and `sample` would say).
+            bits = self._rng.getrandbits(192)
+            hexed = bits.to_bytes(24, "big").hex()
+            span_id = hexed[32:]
+            rec.span_id = span_id if span_id != INVALID_SPAN else _ONE_SPAN
             if parent is not None:
                 rec.trace_id = parent.trace_id
-            return out
-        # Traced: every request needs a span id, most a trace id and a request id
-        # too, and the sampling decision. One draw of random bits and one hex
-        # conversion give all three; `propagation.new_trace_id`, `new_span_id`
-        # and `sample` say the same, one call each.
-        bits = (self._rng.getrandbits(320) & _UUID_VERSION_MASK_320) | _UUID_VERSION_4_320
-        hexed = bits.to_bytes(40, "big").hex()
-        if request_id is None:
-            request_id = (
-                f"{hexed[:8]}-{hexed[8:12]}-{hexed[12:16]}-{hexed[16:20]}-{hexed[20:32]}"
-            )
-            out.append((_REQUEST_ID, request_id.encode()))
-        rec.request_id = request_id
-        span_id = hexed[64:]
-        rec.span_id = span_id if span_id != INVALID_SPAN else _ONE_SPAN
-        if parent is not None:
+                rec.parent_span_id = parent.span_id
+                rec.tracestate = parent.tracestate
+                rec.sampled = sample(parent, rec.trace_id, self._percent)
+            else:
+                trace_id = hexed[:32]
+                low = (bits >> 64) & _LOW56
+                if trace_id == INVALID_TRACE:
+                    trace_id, low = _ONE_TRACE, 1
+                rec.trace_id = trace_id
+                rec.sampled = low < self._threshold
+        elif parent is not None:
             rec.trace_id = parent.trace_id
-            rec.parent_span_id = parent.span_id
-            rec.tracestate = parent.tracestate
-            rec.sampled = sample(parent, rec.trace_id, self._percent)
-        else:
-            trace_id = hexed[32:64]
-            low = (bits >> 64) & _LOW56
-            if trace_id == INVALID_TRACE:
-                trace_id, low = _ONE_TRACE, 1
-            rec.trace_id = trace_id
-            rec.sampled = low < self._threshold
-        if rec.sampled and "user-agent" in found:
-            rec.extra["user_agent"] = found["user-agent"]
+        recorded = rec.sampled or self.access_log is not None
+        if recorded:
+            if given_id is None:
+                # Else the HTTP/1 adapter adds one (HTTP/2's always has one by
+                # now): nothing here would use it.
+                rec.request_id = _uuid4(self._rng)
+                out.append((_REQUEST_ID, rec.request_id.encode()))
+            if not rec.authority and _HOST in found:  # HTTP/1 names it in Host
+                rec.authority = found[_HOST].decode("latin-1")
+            if rec.sampled and _USER_AGENT in found:
+                rec.extra["user_agent"] = found[_USER_AGENT].decode("latin-1")
+        if not self._tracing:
+            return out
         # B3 apps keep getting B3 at every hop, next to W3C.
-        b3 = "b3" if "b3" in found else "b3multi" if "x-b3-traceid" in found else None
+        b3 = "b3" if b"b3" in found else "b3multi" if b"x-b3-traceid" in found else None
         if b3 is None and not rec.tracestate:  # the common case, without inject's generality
             flags = "01" if rec.sampled else "00"
             out.append((b"traceparent", f"00-{rec.trace_id}-{rec.span_id}-{flags}".encode()))
@@ -654,9 +655,6 @@ class Telemetry:
 
 _UUID_VERSION_MASK: Final = ~((0xF << 76) | (0xC << 60))
 _UUID_VERSION_4: Final = (0x4 << 76) | (0x8 << 60)
-# The same bits in the top 128 of the 320 random bits of a traced request.
-_UUID_VERSION_MASK_320: Final = ~(((0xF << 76) | (0xC << 60)) << _RID_SHIFT)
-_UUID_VERSION_4_320: Final = _UUID_VERSION_4 << _RID_SHIFT
 _ONE_TRACE: Final = f"{1:032x}"  # an all-zero id is invalid: propagation's `or 1`
 _ONE_SPAN: Final = f"{1:016x}"
 
