@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import http.client
 import json
 import os
 import platform
@@ -89,6 +90,9 @@ LATENCY_SLICE_S = 1.0  # paced runs alternate between paths in slices this long
 class Settings:
     duration_s: float = 5.0  # each throughput run and each latency run
     warmup_s: float = 1.0
+    # Throughput runs are split into this many slices, the paths taking turns, so
+    # that background load drifting during the run falls on every path alike.
+    rounds: int = 1
     wrk_connections: int = 32
     h2_clients: int = 8
     h2_streams: int = 4  # h2_clients x h2_streams = wrk_connections in flight
@@ -101,6 +105,8 @@ class Settings:
     def __post_init__(self) -> None:
         if not 0 < self.duration_s <= 600 or self.warmup_s < 0:
             raise ValueError("--duration must be between 0 and 600 seconds")
+        if not 1 <= self.rounds <= 60 or self.duration_s / self.rounds < 1:
+            raise ValueError("--rounds must be 1-60, with at least 1 s of --duration per round")
         if self.latency_rps % self.latency_clients:
             raise ValueError("latency_rps must be a multiple of latency_clients")
 
@@ -179,6 +185,8 @@ class Hop:
 
     front: HostPort
     procs: tuple[Proc, ...] = ()
+    # Called after the path's runs: a line for the report (e.g. spans exported).
+    notes: Callable[[], str] | None = None
 
     @property
     def pids(self) -> tuple[int, ...]:
@@ -306,6 +314,66 @@ def synchro_launcher(
     return launch
 
 
+def start_otlp_sink(ctx: Ctx) -> tuple[HostPort, Proc]:
+    """bench/otlp_sink.py: a local OTLP/HTTP receiver that accepts and discards
+    spans (and counts them), so that tracing really exports during the run."""
+    port = free_port()
+    proc = ctx.procs.start(
+        "otlp-sink",
+        [sys.executable, str(REPO / "bench" / "otlp_sink.py"), str(port)],
+        cpus=ctx.placement.load,
+        cwd=REPO,
+    )
+    wait_for_http((LOOPBACK, port), "/stats", proc=proc)
+    return (LOOPBACK, port), proc
+
+
+def sink_stats(addr: HostPort) -> dict[str, int]:
+    conn = http.client.HTTPConnection(*addr, timeout=5)
+    try:
+        conn.request("GET", "/stats")
+        stats: dict[str, int] = json.loads(conn.getresponse().read())
+        return stats
+    finally:
+        conn.close()
+
+
+def telemetry_launcher(sampling_percent: float = 1.0) -> Launcher:
+    """synchro-proxy with metrics on and tracing at `sampling_percent` to a
+    local OTLP/HTTP sink (started here, stopped with the path)."""
+
+    def launch(ctx: Ctx, protocol: str, upstream: HostPort) -> Hop:
+        try:
+            sink, _ = start_otlp_sink(ctx)
+        except BenchError as exc:
+            raise Skip(f"OTLP sink not runnable: {summary_line(str(exc))}") from exc
+        inner = synchro_launcher(
+            extra_args=(
+                "--metrics=on",
+                f"--otlp-endpoint=http://{sink[0]}:{sink[1]}/v1/traces",
+                f"--trace-sampling={sampling_percent:g}",
+            )
+        )
+        hop = inner(ctx, protocol, upstream)
+        # Spans leave in batches, at least once a second: count what has arrived.
+        return replace(hop, notes=partial(_sink_note, sink))
+
+    return launch
+
+
+def _sink_note(sink: HostPort) -> str:
+    try:
+        st = sink_stats(sink)
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        return f"OTLP sink unreadable: {exc}"
+    note = f"OTLP sink received {st['spans']} spans in {st['exports']} exports"
+    if not st["spans"]:
+        note += " (none: tracing did not export, the figures do not measure it)"
+    if st["bad"]:
+        note += f", {st['bad']} undecodable"
+    return note
+
+
 def _security_launcher(name: str) -> Launcher:
     """A launcher from bench/security.py (mTLS paths), imported when used."""
 
@@ -343,6 +411,17 @@ PATHS: tuple[PathSpec, ...] = (
         "synchro-proxy, route match + EWMA + retry policy + outlier detector",
         synchro_launcher(features=True),
         cpu_baseline="synchro",
+    ),
+    PathSpec(
+        "synchro-telemetry-off",
+        "synchro-proxy, --metrics=off, no tracing, no access log",
+        synchro_launcher(extra_args=("--metrics=off",)),
+    ),
+    PathSpec(
+        "synchro-telemetry-on",
+        "synchro-proxy, metrics on + tracing at 1% to a local OTLP/HTTP sink",
+        telemetry_launcher(1.0),
+        cpu_baseline="synchro-telemetry-off",
     ),
     PathSpec(
         "haproxy-tls",
@@ -452,6 +531,7 @@ class Row:
     latency_rps: float | None = None
     latency_failed: int | None = None
     rss_mb: float | None = None
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -500,6 +580,7 @@ METRICS: dict[str, tuple[Callable[[Row, Row | None], float | None], str]] = {
     # The same ratio, against the bare proxy (a metric of its own so that reports
     # keyed by protocol and metric keep one CPU target per protocol each).
     "features_cpu_ratio": (cpu_ratio, "x"),
+    "telemetry_cpu_ratio": (cpu_ratio, "x"),
     "p99_added_ms": (p99_added_ms, " ms"),
     "rss_mb": (rss, " MB"),
 }
@@ -519,6 +600,14 @@ TARGETS: tuple[Target, ...] = tuple(
             "features_cpu_ratio",
             1.2,
             "synchro",
+        ),
+        Target(
+            "CPU/request, metrics + 1% tracing vs off",
+            "synchro-telemetry-on",
+            proto,
+            "telemetry_cpu_ratio",
+            1.15,
+            "synchro-telemetry-off",
         ),
     )
 )
@@ -589,12 +678,15 @@ def render(rows: Sequence[Row], verdicts: Sequence[Verdict], header: str, paced_
             _fmt(row.rss_mb, ".1f"),
         ]
         lines.append("  ".join(format(c, spec) for c, (_n, spec) in zip(cells, cols, strict=True)))
+    for row in rows:
+        if row.note:
+            lines.append(f"note: {row.path} {row.protocol}: {row.note}")
     if any(rate_missed(r, paced_rps) for r in rows):
         lines.append(
             f"* the paced run fell more than 10% short of {paced_rps:g} req/s: the path "
             "could not keep up, and its latency figures hide the queueing"
         )
-    lines += ["", "targets (issue 3):"]
+    lines += ["", "targets (issues 3, 5, 7):"]
     for v in verdicts:
         t = v.target
         unit = METRICS[t.metric][1]
@@ -665,17 +757,33 @@ class Live:
     failed: str = ""
 
 
-def throughput(ctx: Ctx, protocol: Protocol, live: Live) -> None:
+def throughput(ctx: Ctx, protocol: Protocol, live: Live, n: int = 0) -> None:
+    """Round `n` of the path's throughput run (`Settings.rounds` of them): the
+    requests and CPU seconds add up over the rounds."""
     s, load, hop = ctx.settings, ctx.placement.load, live.hop
-    if s.warmup_s > 0:
+    seconds = s.duration_s / s.rounds
+    if s.warmup_s > 0 and n == 0:
         run_tool(protocol.throughput(s, hop.front, s.warmup_s), cpus=load, timeout_s=60)
     cpu0 = tree_cpu_seconds(hop.pids)
-    out = run_tool(
-        protocol.throughput(s, hop.front, s.duration_s), cpus=load, timeout_s=s.duration_s + 60
-    )
+    out = run_tool(protocol.throughput(s, hop.front, seconds), cpus=load, timeout_s=seconds + 60)
     cpu1 = tree_cpu_seconds(hop.pids)
-    live.result = protocol.parse(out)
-    live.cpu_s = cpu1 - cpu0
+    result = protocol.parse(out)
+    live.result = result if live.result is None else combine(live.result, result)
+    live.cpu_s = (live.cpu_s or 0.0) + (cpu1 - cpu0)
+
+
+def combine(a: LoadResult, b: LoadResult) -> LoadResult:
+    """Two runs of one path as one (latency percentiles are not combined)."""
+    duration = a.duration_s + b.duration_s
+    requests = a.requests + b.requests
+    return LoadResult(
+        tool=a.tool,
+        requests=requests,
+        duration_s=duration,
+        rps=requests / duration if duration > 0 else 0.0,
+        errors=a.errors + b.errors,
+        non_2xx=a.non_2xx + b.non_2xx,
+    )
 
 
 def paced_slice(ctx: Ctx, protocol: Protocol, live: Live, seconds: float, n: int) -> None:
@@ -702,6 +810,7 @@ def to_row(live: Live, protocol: Protocol) -> Row:
     if live.hop.pids and live.cpu_s is not None and res.requests:
         cpu_us = live.cpu_s * 1e6 / res.requests
     rss_b = tree_rss_bytes(live.hop.pids) if live.hop.pids else None
+    note = live.hop.notes() if live.hop.notes is not None else ""
     return Row(
         path=live.spec.name,
         protocol=protocol.name,
@@ -715,6 +824,7 @@ def to_row(live: Live, protocol: Protocol) -> Row:
         latency_rps=statistics.fmean(live.slice_rps) if live.slice_rps else None,
         latency_failed=lat.failed,
         rss_mb=None if rss_b is None else rss_b / 2**20,
+        note=note,
     )
 
 
@@ -756,9 +866,11 @@ def measure_protocol(
             reason = summary_line(str(exc))
             log(f"  {spec.name} / {protocol.name} skipped: {reason}")
             rows[spec.name] = Row(spec.name, protocol.name, skipped=reason)
-    for live in lives:
-        log(f"  {live.spec.name} / {protocol.name}: throughput")
-        guarded(live, partial(throughput, ctx, protocol, live), log)
+    for n in range(s.rounds):
+        for live in lives:
+            rounds = f" (round {n + 1} of {s.rounds})" if s.rounds > 1 else ""
+            log(f"  {live.spec.name} / {protocol.name}: throughput{rounds}")
+            guarded(live, partial(throughput, ctx, protocol, live, n), log)
     slices = max(1, round(s.duration_s / LATENCY_SLICE_S))
     seconds = s.duration_s / slices
     log(f"  {protocol.name}: latency at {s.latency_rps} req/s, {slices} slice(s) per path")
@@ -868,6 +980,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
     )
     p.add_argument("--path", action="append", default=[], help="only this path (repeatable)")
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="split each throughput run into N slices, the paths taking turns (default 1); "
+        "CPU ratios then suffer less from background load that changes during the run",
+    )
+    p.add_argument(
         "--protocol", action="append", default=[], help="only this protocol (repeatable)"
     )
     args = p.parse_args(argv)
@@ -876,6 +995,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
         settings = Settings(
             duration_s=duration,
             warmup_s=0.5 if args.quick else 1.0,
+            rounds=args.rounds,
             paths=tuple(args.path),
             protocols=tuple(args.protocol),
             pin=not args.no_pin,
