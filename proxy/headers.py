@@ -4,8 +4,8 @@ The HTTP/1.1 handler parses with httptools, which hands headers over as
 `(name, value)` byte pairs in wire order and case. These functions decide what
 is forwarded (hop-by-hop fields removed per RFC 9110 section 7.6.1, including
 the fields a `Connection` header names; `x-request-id` added when absent) and
-how a message body is framed on the other side. They return flat lists of byte
-pieces so that the adapter writes a whole head with a single `b"".join`.
+how a message body is framed on the other side. They return lists of header lines
+so that the adapter writes a whole head with a single `b"".join`.
 """
 
 from __future__ import annotations
@@ -59,11 +59,17 @@ class RequestMeta:
         return self.chunked or bool(self.content_length)
 
 
-def _scan(headers: Headers) -> tuple[list[bytes], frozenset[bytes]]:
-    """Lowercased names (same order) and the `Connection` options."""
-    lowered = [name.lower() for name, _ in headers]
-    conn_values = [headers[i][1] for i, name in enumerate(lowered) if name == b"connection"]
-    return lowered, connection_tokens(conn_values) if conn_values else frozenset()
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+
+
+def _connection_options(headers: Headers) -> frozenset[bytes]:
+    """The options of every `Connection` field (lowercased); usually one pass of
+    length checks, since most messages carry none or `keep-alive`."""
+    tokens = _NO_TOKENS
+    for name, value in headers:
+        if len(name) == 10 and name.lower() == b"connection":
+            tokens = tokens | connection_tokens((value,))
+    return tokens
 
 
 def forward_request(
@@ -72,18 +78,18 @@ def forward_request(
     new_request_id: Callable[[], bytes],
     default_host: bytes,
 ) -> tuple[list[bytes], RequestMeta]:
-    """Header pieces to send upstream (without framing/connection fields) and the meta.
+    """Header lines to send upstream (without framing/connection fields) and the meta.
 
     `new_request_id` is called only when the request carries no `x-request-id`.
     `default_host` fills in `Host` for HTTP/1.0 clients that omit it, since the
     upstream side always speaks HTTP/1.1.
     """
-    lowered, tokens = _scan(headers)
+    tokens = _connection_options(headers)
     meta = RequestMeta()
-    drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
     out: list[bytes] = []
-    for (name, value), low in zip(headers, lowered, strict=True):
-        if low in drop:
+    for name, value in headers:
+        low = name.lower()
+        if low in HOP_BY_HOP or low in tokens:
             if low == b"transfer-encoding":
                 meta.chunked = True
             elif low == b"upgrade" and b"upgrade" in tokens:
@@ -99,12 +105,12 @@ def forward_request(
             meta.request_id = value
         elif low == b"host":
             meta.has_host = True
-        out += (name, _SEP, value, _CRLF)
+        out.append(b"%s: %s\r\n" % (name, value))
     if not meta.has_host:
-        out += (b"Host", _SEP, default_host, _CRLF)
+        out.append(b"Host: %s\r\n" % default_host)
     if not meta.request_id:
         meta.request_id = new_request_id()
-        out += (b"x-request-id", _SEP, meta.request_id, _CRLF)
+        out.append(b"x-request-id: %s\r\n" % meta.request_id)
     return out, meta
 
 
@@ -116,14 +122,14 @@ class ResponseMeta:
 
 
 def forward_response(headers: Headers) -> tuple[list[bytes], ResponseMeta]:
-    """Header pieces to send downstream (without framing/connection fields) and the meta."""
-    lowered, tokens = _scan(headers)
+    """Header lines to send downstream (without framing/connection fields) and the meta."""
+    tokens = _connection_options(headers)
     meta = ResponseMeta()
-    drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
     out: list[bytes] = []
-    lengths: list[tuple[bytes, bytes]] = []
-    for (name, value), low in zip(headers, lowered, strict=True):
-        if low in drop:
+    length: bytes | None = None
+    for name, value in headers:
+        low = name.lower()
+        if low in HOP_BY_HOP or low in tokens:
             if low == b"transfer-encoding":
                 meta.chunked = True
             elif low == b"upgrade":
@@ -132,14 +138,14 @@ def forward_response(headers: Headers) -> tuple[list[bytes], ResponseMeta]:
         if low == b"content-length":
             # Decided below: with chunked framing the length must not be forwarded.
             meta.content_length = int(value)
-            lengths.append((name, value))
+            if length is None:
+                length = b"%s: %s\r\n" % (name, value)
             continue
-        out += (name, _SEP, value, _CRLF)
-    if lengths and not meta.chunked:
-        name, value = lengths[0]
-        out += (name, _SEP, value, _CRLF)
-    elif meta.chunked:
+        out.append(b"%s: %s\r\n" % (name, value))
+    if meta.chunked:
         meta.content_length = None
+    elif length is not None:
+        out.append(length)
     return out, meta
 
 

@@ -253,7 +253,10 @@ class _RequestReader:
         self._grow(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        _add_field(self.cur, self.in_head, name, value)
+        if self.in_head:
+            self.cur.headers.append((name, value))
+        else:
+            _add_field(self.cur, False, name, value)
         self._grow(len(name) + len(value) + 4)
 
     def _grow(self, n: int) -> None:
@@ -336,7 +339,10 @@ class _ResponseReader:
         self.cur.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        _add_field(self.cur, self.in_head, name, value)
+        if self.in_head:
+            self.cur.headers.append((name, value))
+        else:
+            _add_field(self.cur, False, name, value)
         self.head_size += len(name) + len(value) + 4
         if self.head_size > self.limit:
             self.error = UpstreamBroken(f"response head over {self.limit} bytes")
@@ -502,23 +508,25 @@ class _Conn:
     # -- I/O helpers ----------------------------------------------------------
 
     async def _write(self, data: bytes) -> None:
+        if self._send(data):
+            await self._drain()
+
+    def _send(self, data: bytes) -> bool:
+        """Write to the client without a coroutine; True when the caller must
+        `_drain()` (the transport kept bytes back: flow control)."""
         transport = self.transport
         if transport.is_closing():
             raise ClientGone("client connection closed")
         transport.write(data)
         self.stats.bytes_to_downstream += len(data)
         # Most writes go out at once; only wait (for flow control) when they did not.
-        if transport.get_write_buffer_size():
-            try:
-                await self.writer.drain()
-            except (ConnectionError, OSError) as exc:
-                raise ClientGone(str(exc)) from None
+        return bool(transport.get_write_buffer_size())
 
-    async def _read_up(self, up: UpstreamConnection) -> bytes:
+    async def _drain(self) -> None:
         try:
-            return await up.reader.read(READ_SIZE)
+            await self.writer.drain()
         except (ConnectionError, OSError) as exc:
-            raise UpstreamBroken(f"upstream {up.address}: {exc}") from None
+            raise ClientGone(str(exc)) from None
 
     # -- the connection loop --------------------------------------------------
 
@@ -982,7 +990,7 @@ class _Conn:
         if not self.body_done:
             pieces = list(head)
             self.body_done = self._take_body(pieces, meta.chunked, req)
-        up = await self.pool.acquire(address, self.up_connect)
+        up = self.pool.take(address) or await self.pool.connect(address, self.up_connect)
         # Over mesh mTLS, name our workload to the peer (Telemetry.tag_http1).
         data = b"".join(self.telemetry.tag_http1(pieces, up.writer))
         while True:
@@ -1062,7 +1070,10 @@ class _Conn:
                 return ev
             if codec.rest is not None:
                 raise UpstreamBroken("upstream switched protocols without a 101 head")
-            data = await self._read_up(up)
+            try:
+                data = await up.reader.read(READ_SIZE)
+            except (ConnectionError, OSError) as exc:
+                raise UpstreamBroken(f"upstream {up.address}: {exc}") from None
             if not data:
                 raise UpstreamBroken(
                     f"upstream {up.address} closed the connection before answering"
@@ -1119,7 +1130,8 @@ class _Conn:
         self.wd_kind = _STREAM
         keep_up = resp.keep_alive
         if up_framing is Framing.NONE:
-            await self._write(b"".join(head))
+            if self._send(b"".join(head)):
+                await self._drain()
             events = codec.events
             if events and events[0] is _END:
                 events.popleft()
@@ -1161,7 +1173,8 @@ class _Conn:
                 if ev is _END:
                     if chunked:
                         out.append(hdrs.trailer_block(codec.cur.trailers))
-                    await self._write(b"".join(out))
+                    if self._send(b"".join(out)):
+                        await self._drain()
                     return True
                 if type(ev) is not bytes:
                     raise UpstreamBroken("response head inside a body")
@@ -1170,11 +1183,15 @@ class _Conn:
                 else:
                     out.append(ev)
             if out:
-                await self._write(out[0] if len(out) == 1 else b"".join(out))
+                if self._send(out[0] if len(out) == 1 else b"".join(out)):
+                    await self._drain()
                 out.clear()
             self._touch(timeout)
             try:
-                data = await self._read_up(up)
+                try:
+                    data = await up.reader.read(READ_SIZE)
+                except (ConnectionError, OSError) as exc:
+                    raise UpstreamBroken(f"upstream {up.address}: {exc}") from None
                 if not data and up_framing is not Framing.CLOSE:
                     raise UpstreamBroken(f"upstream {up.address} closed in the middle of a body")
             except UpstreamBroken:

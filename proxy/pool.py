@@ -223,19 +223,26 @@ class Pool:
     ) -> UpstreamConnection:
         """A pooled connection to `address` if one is idle and alive, else a new one
         (opened within `connect_timeout`, the pool's when None)."""
+        conn = self.take(address)
+        if conn is not None:
+            return conn
+        self.connects += 1
+        return await connect(address, connect_timeout or self.settings.connect_timeout, self._ctx())
+
+    def take(self, address: Address) -> UpstreamConnection | None:
+        """A pooled connection to `address` if one is idle and alive (no coroutine:
+        the hot path of a keep-alive proxy)."""
         now = self._now()
         while True:
             conn, expired = self._idle.take(address, now)
             for old in expired:
                 old.close()
             if conn is None:
-                break
+                return None
             if conn.usable():
                 self.reuses += 1
                 return conn
             conn.close()
-        self.connects += 1
-        return await connect(address, connect_timeout or self.settings.connect_timeout, self._ctx())
 
     async def connect(
         self, address: Address, connect_timeout: float | None = None
