@@ -42,6 +42,9 @@ from synchro.local.podplan import (
 
 log = logging.getLogger(__name__)
 
+# What setting up a container's mount namespace may take on a busy machine (an
+# interpreter start and a few mounts): added to exec probes' timeouts.
+MOUNT_HELPER_SECONDS = 2.0
 PROJECT_SCRIPTS = frozenset({"synchro", "synchro-init", "synchro-proxy", "synchro-controller"})
 
 
@@ -193,7 +196,8 @@ def _exec_probe(node: Node, pod_ip: str, probe: Probe) -> bool:
             uid=probe.uid,
             gid=probe.gid,
             env=env,
-            timeout=probe.timeout,
+            # The mount helper's start is the runtime's time, not the probe's.
+            timeout=probe.timeout + (MOUNT_HELPER_SECONDS if probe.mounts else 0.0),
             mounts=probe.mounts,
             cwd=probe.cwd,
         )
