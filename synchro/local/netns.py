@@ -389,6 +389,7 @@ def cleanup_prefix(prefix: str, *, only_dead_owners: bool = False) -> list[str]:
                 delete_netns(netns)
                 removed.append(netns)
         path.unlink(missing_ok=True)
+        _remove_rundir(state.prefix)
     # Namespaces with no state file left are orphans of an interrupted cleanup.
     for netns in list_netns():
         if netns.startswith(prefix) and not any(
@@ -397,6 +398,15 @@ def cleanup_prefix(prefix: str, *, only_dead_owners: bool = False) -> list[str]:
             delete_netns(netns)
             removed.append(netns)
     return removed
+
+
+def _remove_rundir(prefix: str) -> None:
+    """A dead run's shared volumes, and its run directory once empty (logs a
+    caller asked to keep elsewhere are not in it)."""
+    rundir = RUN_ROOT / prefix
+    shutil.rmtree(rundir / "volumes", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        rundir.rmdir()
 
 
 def new_prefix(base: str = "syn") -> str:
@@ -660,9 +670,7 @@ class Node:
             delete_netns(netns)
         self.pods.clear()
         self.state.path.unlink(missing_ok=True)
-        shutil.rmtree(self.rundir / "volumes", ignore_errors=True)
-        with contextlib.suppress(OSError):
-            self.rundir.rmdir()  # only when empty: logs may live here
+        _remove_rundir(self.prefix)
 
     def __enter__(self) -> Node:
         return self

@@ -95,6 +95,7 @@ CRASHER = textwrap.dedent(
     from synchro.local.netns import Node
     n = Node.create(sys.argv[1], logdir=__import__("pathlib").Path(sys.argv[2]))
     pod = n.add_pod("a")
+    (n.rundir / "volumes" / "a" / "data").mkdir(parents=True)
     proc = pod.spawn(["sleep", "300"], name="sleeper")
     print(proc.pid, flush=True)
     os.kill(os.getpid(), 9)  # crash: no cleanup
@@ -119,6 +120,7 @@ def test_a_crashed_run_is_cleaned_up_by_prefix(tmp_path: Path) -> None:
         assert {f"{prefix}-node", f"{prefix}-a"} <= set(removed)
         assert not any(name.startswith(prefix) for name in netns.list_netns())
         assert not (netns.STATE_DIR / f"{prefix}.json").exists()
+        assert not (netns.RUN_ROOT / prefix).exists()  # the crashed run's volumes too
         deadline = time.monotonic() + 5
         while _running(sleeper) and time.monotonic() < deadline:
             time.sleep(0.02)
