@@ -37,6 +37,8 @@ STREAM_WINDOW = 1 << 20
 CONNECTION_WINDOW = 4 << 20
 MAX_FRAME_SIZE = 1 << 14
 MAX_CONCURRENT_STREAMS = 1000
+# At most this many new streams between two walks of h2's stream table.
+_SCAN_EVERY = 16
 
 
 class GracefulH2Connection(h2.connection.H2Connection):
@@ -57,6 +59,28 @@ class GracefulH2Connection(h2.connection.H2Connection):
         event.last_stream_id = frame.last_stream_id
         event.additional_data = frame.additional_data or None
         return [], [event]
+
+    # h2 counts open streams, to enforce MAX_CONCURRENT_STREAMS, by walking all
+    # of its streams (and dropping the closed ones) for every new stream: with
+    # dozens of streams multiplexed on one upstream connection that walk is a
+    # large share of a request. len(self.streams) bounds the count from above,
+    # so the walk is only needed when that bound reaches the limit checked, and
+    # every few new streams to drop closed ones.
+    _scan_at = 0
+
+    def _open_streams(self, remainder: int) -> int:
+        n = len(self.streams)
+        if n < self._scan_at:
+            settings = (
+                self.remote_settings
+                if remainder == int(self.config.client_side)  # outbound: the peer's limit
+                else self.local_settings
+            )
+            if n < settings.max_concurrent_streams:
+                return n
+        count = super()._open_streams(remainder)
+        self._scan_at = len(self.streams) + _SCAN_EVERY
+        return count
 
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
         """h2's own, less its `trace("Received frame: %s", repr(frame))`: the

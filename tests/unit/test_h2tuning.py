@@ -158,3 +158,45 @@ def test_frames_still_refuse_flags_they_do_not_define() -> None:
     with pytest.raises(ValueError, match="Unexpected flag"):
         data.flags.add("END_HEADERS")
     assert DataFrame(3).flags == set()  # no flag leaks from one frame to the next
+
+
+def _pair() -> tuple[Any, Any]:
+    from proxy.h2conn import new_connection
+
+    client = new_connection(client_side=True, max_header_list_size=1 << 16)
+    server = new_connection(client_side=False, max_header_list_size=1 << 16)
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    return client, server
+
+
+REQUEST = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/")]
+
+
+def test_stream_limit_still_enforced_and_closed_streams_still_dropped() -> None:
+    """GracefulH2Connection walks h2's stream table less often; the limit a peer
+    may open (MAX_CONCURRENT_STREAMS) holds, and finished streams are let go."""
+    import h2.exceptions
+
+    from proxy.h2conn import MAX_CONCURRENT_STREAMS
+
+    client, server = _pair()
+    for _ in range(200):  # one after the other, each answered in full
+        sid = client.get_next_available_stream_id()
+        client.send_headers(sid, REQUEST, end_stream=True)
+        server.receive_data(client.data_to_send())
+        server.send_headers(sid, [(b":status", b"204")], end_stream=True)
+        client.receive_data(server.data_to_send())
+    assert len(server.streams) <= 20 and len(client.streams) <= 20
+
+    client, server = _pair()
+    client.remote_settings.max_concurrent_streams = 10 * MAX_CONCURRENT_STREAMS  # a rude client
+    client.remote_settings.acknowledge()
+    for _ in range(MAX_CONCURRENT_STREAMS):
+        client.send_headers(client.get_next_available_stream_id(), REQUEST)
+    server.receive_data(client.data_to_send())
+    assert len(server.streams) == MAX_CONCURRENT_STREAMS
+    client.send_headers(client.get_next_available_stream_id(), REQUEST)
+    with pytest.raises(h2.exceptions.TooManyStreamsError):
+        server.receive_data(client.data_to_send())
