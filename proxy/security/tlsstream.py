@@ -22,7 +22,9 @@ transport, and never half-close.
 
 OpenSSL 3.0 (checked with Python 3.11's ssl): after SSL_shutdown has sent
 close_notify, SSL_read still returns the peer's data; after receiving one,
-SSL_write still sends. One trap: `SSLObject.unwrap()` calls SSL_shutdown
+SSL_write still sends. Sidecars negotiate TLS 1.3 (OpenSSL's default maximum);
+OpenSSL behaves the same under 1.2, where RFC 5246 would have the peer answer
+close_notify at once, which no Synchro end does. One trap: `SSLObject.unwrap()` calls SSL_shutdown
 twice, and the second call reads records to look for the peer's close_notify,
 failing with APPLICATION_DATA_AFTER_CLOSE_NOTIFY when application data waits
 in the incoming BIO. So the incoming BIO is decrypted to the application
