@@ -48,17 +48,14 @@ TCP_LABELS = (
 )
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SIZE_BUCKETS = (0, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
-# response_code label values, made once (0: no response).
-_STATUS_TEXT = tuple(str(code) for code in range(600))
 
 
 class _Series:
     """One label set's request counts: plain ints and floats, summed when scraped."""
 
-    __slots__ = ("count", "dur", "dur_sum", "req", "req_sum", "resp", "resp_sum")
+    __slots__ = ("dur", "dur_sum", "req", "req_sum", "resp", "resp_sum")
 
     def __init__(self) -> None:
-        self.count = 0
         # Per bucket (not cumulative) so an observation is one bisect and one add;
         # the last slot is +Inf.
         self.dur = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -86,12 +83,20 @@ class RequestCollector(Collector):
     port shares the loop)."""
 
     def __init__(self) -> None:
-        self.series: dict[tuple[str, ...], _Series] = {}
+        # By label values; the response code (index 9) as an int.
+        self.series: dict[tuple[str | int, ...], _Series] = {}
 
-    def observe_record(self, rec: RequestRecord) -> None:
+    def observe_record(
+        self,
+        rec: RequestRecord,
+        _bisect: Callable[[tuple[float, ...], float], int] = bisect_left,
+        _latency: tuple[float, ...] = LATENCY_BUCKETS,
+        _size: tuple[float, ...] = SIZE_BUCKETS,
+    ) -> None:
         """One finished request (`ProxyMetrics.observe_request`): the label tuple
-        and the four families' updates in one call, as this runs per request."""
-        status = rec.status
+        and the four families' updates in one call, as this runs per request.
+        (The status stays an int here and becomes text when scraped; the
+        request count is the duration histogram's total.)"""
         key = (
             rec.reporter,
             rec.source_workload,
@@ -102,7 +107,7 @@ class RequestCollector(Collector):
             rec.destination_namespace,
             rec.destination_principal,
             rec.protocol,
-            _STATUS_TEXT[status] if 0 <= status < 600 else str(status),
+            rec.status,
             rec.grpc_status,
             rec.flags,
             rec.security_policy,
@@ -112,26 +117,15 @@ class RequestCollector(Collector):
         s = self.series.get(key)
         if s is None:
             s = self.series[key] = _Series()
-        duration, req, resp = rec.duration, rec.request_bytes, rec.response_bytes
-        s.count += 1
-        s.dur[bisect_left(LATENCY_BUCKETS, duration)] += 1
+        duration = rec.duration
+        s.dur[_bisect(_latency, duration)] += 1
         s.dur_sum += duration
-        s.req[bisect_left(SIZE_BUCKETS, req)] += 1
-        s.req_sum += req
-        s.resp[bisect_left(SIZE_BUCKETS, resp)] += 1
-        s.resp_sum += resp
-
-    def observe(self, key: tuple[str, ...], duration: float, req: int, resp: int) -> None:
-        s = self.series.get(key)
-        if s is None:
-            s = self.series[key] = _Series()
-        s.count += 1
-        s.dur[bisect_left(LATENCY_BUCKETS, duration)] += 1
-        s.dur_sum += duration
-        s.req[bisect_left(SIZE_BUCKETS, req)] += 1
-        s.req_sum += req
-        s.resp[bisect_left(SIZE_BUCKETS, resp)] += 1
-        s.resp_sum += resp
+        size = rec.request_bytes
+        s.req[_bisect(_size, size)] += 1
+        s.req_sum += size
+        size = rec.response_bytes
+        s.resp[_bisect(_size, size)] += 1
+        s.resp_sum += size
 
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         labels = list(REQUEST_LABELS)
@@ -146,8 +140,8 @@ class RequestCollector(Collector):
             "synchro_response_bytes", "Response body sizes", labels=labels
         )
         for key, s in list(self.series.items()):
-            values = list(key)
-            requests.add_metric(values, s.count)
+            values = [str(v) for v in key]
+            requests.add_metric(values, sum(s.dur))
             duration.add_metric(values, _cumulative(LATENCY_BUCKETS, s.dur), s.dur_sum)
             req_bytes.add_metric(values, _cumulative(SIZE_BUCKETS, s.req), s.req_sum)
             resp_bytes.add_metric(values, _cumulative(SIZE_BUCKETS, s.resp), s.resp_sum)

@@ -66,6 +66,7 @@ _USER_AGENT: Final = b"user-agent"
 _CONTENT_TYPE: Final = b"content-type"
 _HOST: Final = b"host"
 _INTERESTING: Final = TRACE_HEADER_NAMES | {_REQUEST_ID, _USER_AGENT, _CONTENT_TYPE, _HOST}
+_TRACING_FIELDS: Final = TRACE_HEADER_NAMES | {_REQUEST_ID, _CONTENT_TYPE}
 _OUTBOUND_NAMES: Final = frozenset({"source", "outbound"})
 # Every name `begin` may return (so a request without any of them keeps all its fields).
 _REPLACEABLE: Final = TRACE_HEADER_NAMES | {_REQUEST_ID}
@@ -315,6 +316,9 @@ class Telemetry:
                 on_exported=metrics.spans_exported.inc,
             )
         self._tracing = self.exporter is not None
+        # The request fields `begin` reads: what tracing and the headers need, plus
+        # Host and User-Agent when every request is logged.
+        self._wanted = _INTERESTING if self.access_log is not None else _TRACING_FIELDS
         self._percent = settings.trace_sampling
         # `propagation.sample` for a new trace, precomputed: the low 56 bits of the
         # trace id below this threshold mean sampled.
@@ -527,61 +531,64 @@ class Telemetry:
         return rec
 
     def _read_headers(self, rec: RequestRecord, headers: Iterable[Header]) -> list[Header]:
-        # Raw bytes, decoded only where something uses them: most requests carry
-        # none of these fields but Host.
-        found: dict[bytes, bytes] = {}
-        traced = False
+        # Raw bytes, decoded only where something uses them. Host and User-Agent
+        # matter only to a recorded request (sampled span, access log): the access
+        # log reads them here, a sampled span in `_recorded` (1% of requests).
+        found: dict[bytes, bytes] | None = None
+        wanted = self._wanted
         for name, value in headers:
             lowered = name.lower()
-            if lowered in _INTERESTING:
+            if lowered in wanted:
+                if found is None:
+                    found = {}
                 found[lowered] = value
-                traced = traced or lowered in TRACE_HEADER_NAMES
-        ctype = found.get(_CONTENT_TYPE)
-        if ctype is not None and rec.protocol == "http" and ctype.startswith(b"application/grpc"):
-            rec.protocol = "grpc"
-        parent = extract(_decoded(found)) if traced else None
-        given_id = found.get(_REQUEST_ID)
-        if given_id is not None:
-            rec.request_id = given_id.decode("latin-1")
-        out: list[Header] = []
-        if self._tracing:
-            # A span id for every request, a trace id and the sampling decision for
-            # a new trace: one draw and one hex conversion (what
-            # `propagation.new_trace_id`, `new_span_id` and `sample` would say).
-            bits = self._rng.getrandbits(192)
-            hexed = bits.to_bytes(24, "big").hex()
-            span_id = hexed[32:]
-            rec.span_id = span_id if span_id != INVALID_SPAN else _ONE_SPAN
+        parent = None
+        b3 = None
+        if found is not None:
+            ctype = found.get(_CONTENT_TYPE)
+            if (
+                ctype is not None
+                and rec.protocol == "http"
+                and ctype.startswith(b"application/grpc")
+            ):
+                rec.protocol = "grpc"
+            given_id = found.get(_REQUEST_ID)
+            if given_id is not None:
+                rec.request_id = given_id.decode("latin-1")
+            if not TRACE_HEADER_NAMES.isdisjoint(found):
+                parent = extract(_decoded(found))
+                # B3 apps keep getting B3 at every hop, next to W3C.
+                b3 = "b3" if b"b3" in found else "b3multi" if b"x-b3-traceid" in found else None
+        if not self._tracing:
             if parent is not None:
                 rec.trace_id = parent.trace_id
-                rec.parent_span_id = parent.span_id
-                rec.tracestate = parent.tracestate
-                rec.sampled = sample(parent, rec.trace_id, self._percent)
-            else:
-                trace_id = hexed[:32]
-                low = (bits >> 64) & _LOW56
-                if trace_id == INVALID_TRACE:
-                    trace_id, low = _ONE_TRACE, 1
-                rec.trace_id = trace_id
-                rec.sampled = low < self._threshold
-        elif parent is not None:
+            return self._recorded(rec, headers, found)  # the access log is on
+        # A span id for every request, a trace id and the sampling decision for
+        # a new trace: one draw and one hex conversion (what
+        # `propagation.new_trace_id`, `new_span_id` and `sample` would say).
+        bits = self._rng.getrandbits(192)
+        hexed = bits.to_bytes(24, "big").hex()
+        span_id = hexed[32:]
+        if span_id == INVALID_SPAN:
+            span_id = _ONE_SPAN
+        rec.span_id = span_id
+        if parent is None:
+            trace_id = hexed[:32]
+            low = (bits >> 64) & _LOW56
+            if trace_id == INVALID_TRACE:
+                trace_id, low = _ONE_TRACE, 1
+            rec.trace_id = trace_id
+            if low >= self._threshold and self.access_log is None:
+                # Not sampled, nothing records it: the common case, in a straight line.
+                return [(b"traceparent", f"00-{trace_id}-{span_id}-00".encode())]
+            rec.sampled = low < self._threshold
+        else:
             rec.trace_id = parent.trace_id
-        recorded = rec.sampled or self.access_log is not None
-        if recorded:
-            if given_id is None:
-                # Else the HTTP/1 adapter adds one (HTTP/2's always has one by
-                # now): nothing here would use it.
-                rec.request_id = _uuid4(self._rng)
-                out.append((_REQUEST_ID, rec.request_id.encode()))
-            if not rec.authority and _HOST in found:  # HTTP/1 names it in Host
-                rec.authority = found[_HOST].decode("latin-1")
-            if rec.sampled and _USER_AGENT in found:
-                rec.extra["user_agent"] = found[_USER_AGENT].decode("latin-1")
-        if not self._tracing:
-            return out
-        # B3 apps keep getting B3 at every hop, next to W3C.
-        b3 = "b3" if b"b3" in found else "b3multi" if b"x-b3-traceid" in found else None
-        if b3 is None and not rec.tracestate:  # the common case, without inject's generality
+            rec.parent_span_id = parent.span_id
+            rec.tracestate = parent.tracestate
+            rec.sampled = sample(parent, rec.trace_id, self._percent)
+        out = self._recorded(rec, headers, found)
+        if b3 is None and not rec.tracestate:
             flags = "01" if rec.sampled else "00"
             out.append((b"traceparent", f"00-{rec.trace_id}-{rec.span_id}-{flags}".encode()))
             return out
@@ -595,6 +602,32 @@ class Telemetry:
                 incoming_fmt=b3,
             )
         ]
+        return out
+
+    def _recorded(
+        self, rec: RequestRecord, headers: Iterable[Header], found: dict[bytes, bytes] | None
+    ) -> list[Header]:
+        """A request the access log or a sampled span records: its request id
+        (added to the headers when it had none), Host and User-Agent."""
+        if not rec.sampled and self.access_log is None:
+            return []
+        if self.access_log is None:  # sampled: `found` lacks Host and User-Agent
+            found = dict(found or ())
+            for name, value in headers:
+                lowered = name.lower()
+                if lowered in (_HOST, _USER_AGENT):
+                    found[lowered] = value
+        found = found or {}
+        out: list[Header] = []
+        if not rec.request_id:
+            # Else the HTTP/1 adapter adds one (HTTP/2's always has one by now):
+            # nothing here would use it.
+            rec.request_id = _uuid4(self._rng)
+            out.append((_REQUEST_ID, rec.request_id.encode()))
+        if not rec.authority and _HOST in found:  # HTTP/1 names it in Host
+            rec.authority = found[_HOST].decode("latin-1")
+        if rec.sampled and _USER_AGENT in found:
+            rec.extra["user_agent"] = found[_USER_AGENT].decode("latin-1")
         return out
 
     def end(self, rec: RequestRecord) -> None:
