@@ -256,6 +256,23 @@ def utf8_encode_headers(headers: Any) -> Any:
     return out
 
 
+_build_hdr_validation_flags = h2.stream.H2Stream._build_hdr_validation_flags
+
+
+def _hdr_validation_flags(self: h2.stream.H2Stream, events: Any) -> Any:
+    """h2 builds these flags for every header block sent or received, and only
+    reads them to validate or normalize; not built when all four are off."""
+    config = self.config
+    if (
+        config.validate_inbound_headers
+        or config.normalize_inbound_headers
+        or config.validate_outbound_headers
+        or config.normalize_outbound_headers
+    ):
+        return _build_hdr_validation_flags(self, events)
+    return None
+
+
 class PlainConfig(h2.config.H2Configuration):
     """An H2Configuration whose options are plain attributes.
 
@@ -314,6 +331,7 @@ def apply() -> None:
     hyperframe.flags.Flags.__init__ = _flags_init  # type: ignore[method-assign]
     _fast_enum_hashes()
     h2.stream.utf8_encode_headers = utf8_encode_headers  # type: ignore[assignment]
+    h2.stream.H2Stream._build_hdr_validation_flags = _hdr_validation_flags  # type: ignore[method-assign]
     hpack.hpack.decode_huffman = cached_decode_huffman
     hpack.hpack.log = _NoLog()  # type: ignore[assignment]
     hpack.table.log = _NoLog()  # type: ignore[assignment]

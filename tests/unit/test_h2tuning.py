@@ -200,3 +200,21 @@ def test_stream_limit_still_enforced_and_closed_streams_still_dropped() -> None:
     client.send_headers(client.get_next_available_stream_id(), REQUEST)
     with pytest.raises(h2.exceptions.TooManyStreamsError):
         server.receive_data(client.data_to_send())
+
+
+def test_h2_connections_that_validate_still_do() -> None:
+    """The validation flags are skipped only where every check is off."""
+    import h2.config
+    import h2.connection
+    import h2.exceptions
+
+    from proxy.h2conn import new_connection
+
+    client = new_connection(client_side=True, max_header_list_size=1 << 16)
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    # No :path: h2 needs the flags to know that this block is a request's.
+    client.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http")], end_stream=True)
+    with pytest.raises(h2.exceptions.ProtocolError, match="path"):
+        server.receive_data(client.data_to_send())
