@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import operator
 import random
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -105,6 +106,8 @@ _PATH: Final = b":path"
 _COOKIE: Final = b"cookie"
 _DEADLINE_NAMES: Final = frozenset({_GRPC_TIMEOUT, _DEADLINE_MS})
 _NO_DEADLINE: Final = dl.Deadline(None)  # immutable: every call without one shares it
+_NAME: Final = operator.itemgetter(0)  # a header's name
+_LOWER: Final = bytes.lower
 
 
 class EngineError(ValueError):
@@ -268,6 +271,9 @@ class _Choice:
     rewrite: pc.URLRewrite | None
     redirect: pc.RequestRedirect | None
     mirrors: tuple[tuple[pc.RequestMirror, _Backend | None], ...]
+    # A backend and nothing to do but send to it (no redirect, rewrite, mirror or
+    # consistent hash): the request path skips those checks.
+    simple: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +286,7 @@ class _RoutePlan:
     retry_backoff: float
     request_timeout: float | None
     prefix: str | None
+    single: _Choice | None = None  # the only choice, when there is no weighted pick
 
 
 @dataclass(slots=True)
@@ -561,7 +568,11 @@ class Call:
                 st.breaker.release(Resource.RETRIES)
                 self.held_retry = False
         od = st.outlier
-        if od is not None:
+        if od is None:
+            return
+        if failure is None and grpc_status is None and (status is None or status < 500):
+            od.on_success(key)  # the common case
+        else:
             gateway_status = status
             if grpc_status == 14 and (status is None or status < 500):
                 gateway_status = 503  # UNAVAILABLE: the gRPC spelling of 503
@@ -825,7 +836,14 @@ class Engine:
         else:
             backend = self._backend(wb.service, wb.port)
             missing = "" if backend is not None else f"backend {wb.service}:{wb.port} not found"
-        return _Choice(backend, missing, req, resp, rewrite, redirect, tuple(mirrors))
+        simple = (
+            backend is not None
+            and backend.hash is None
+            and rewrite is None
+            and redirect is None
+            and not mirrors
+        )
+        return _Choice(backend, missing, req, resp, rewrite, redirect, tuple(mirrors), simple)
 
     def _route_plan(
         self, svc: pc.Service, port: int, compiled: CompiledRoute | None, own: _Backend | None
@@ -851,6 +869,7 @@ class Engine:
             retry_backoff=base,
             request_timeout=request,
             prefix=matched_prefix(route) if route is not None else None,
+            single=choices[0] if len(choices) == 1 and cumulative and cumulative[-1] else None,
         )
 
     def _plan(self, svc: pc.Service, port: int) -> _ServicePlan:
@@ -970,51 +989,28 @@ class Engine:
         grpc: bool,
         peer: Address | None,
     ) -> Call | Reply:
-        rp = plan.default
-        host = b""
-        if plan.table is not None:
-            hdrs: dict[str, str] = {}
-            if plan.needs_host or plan.needs_headers:
-                for name, value in headers:
-                    low = name.lower()
-                    if low in (_HOST, _AUTHORITY):
-                        host = value
-                    if plan.needs_headers:
-                        hdrs.setdefault(low.decode("latin-1"), value.decode("latin-1"))
+        if plan.table is None:
+            rp = plan.default
+        else:
             memo = None if plan.needs_headers else plan.matched.get((method, target))
             if memo is not None:
                 rp = memo
             else:
-                view = RequestView.from_target(
-                    method.decode("latin-1"), target.decode("latin-1"), hdrs
-                )
-                matched = plan.table.match(view, plan.port)
-                if matched is None:
-                    return Reply(
-                        404, f"no route of {plan.key} matches", Flag.NO_ROUTE, grpc_status=12
-                    )
-                rp = plan.routes[id(matched)]
-                if not plan.needs_headers:
-                    if len(plan.matched) >= MATCH_MEMO:
-                        plan.matched.clear()
-                    plan.matched[(method, target)] = rp
-        if not rp.cumulative or rp.cumulative[-1] == 0:
-            return Reply(500, f"route {rp.name} has no backend", Flag.NO_ROUTE, grpc_status=13)
-        i = 0
-        if len(rp.choices) > 1:
-            i = bisect.bisect_right(rp.cumulative, self.rng.random() * rp.cumulative[-1])
-        choice = rp.choices[i]
-        if choice.redirect is not None:
-            return self._redirect(choice.redirect, rp, target, host)
-        b = choice.backend
-        if b is None:
-            return Reply(500, choice.missing or "no backend", Flag.NO_ROUTE, grpc_status=13)
+                routed = self._route(plan, method, target, headers)
+                if type(routed) is Reply:
+                    return routed
+                assert isinstance(routed, _RoutePlan)
+                rp = routed
+        choice = rp.single
         delay = 0.0
-        if plan.faults is not None:
-            fault = fl.decide(plan.faults, self.rng, grpc=grpc)
-            if fault.abort_http_status is not None or fault.abort_grpc_status is not None:
-                return _fault_reply(fault, grpc)
-            delay = fault.delay
+        if choice is None or not choice.simple or plan.faults is not None:
+            picked = self._pick(plan, rp, target, headers, grpc)
+            if type(picked) is Reply:
+                return picked
+            assert isinstance(picked, tuple)
+            choice, delay = picked
+        b = choice.backend
+        assert b is not None
         br = b.state.breaker
         if br is not None and not br.try_acquire(Resource.REQUESTS):
             return flag_reply(Flag.UPSTREAM_OVERFLOW, f"circuit breaker open for {b.key}")
@@ -1036,25 +1032,70 @@ class Engine:
             call.flag_set.add(Flag.FAULT_INJECTED)
         if retry.attempts > 1:
             plan.caller.budget.on_request(now)
-        if choice.rewrite is not None:
-            self._rewrite(call, choice.rewrite, rp, target)
-        if b.hash is not None:
-            call.hash_key = _hash_key(b.hash, headers, peer)
-        if choice.mirrors:
-            self._choose_mirrors(call, choice)
+        if not choice.simple:
+            if choice.rewrite is not None:
+                self._rewrite(call, choice.rewrite, rp, target)
+            if b.hash is not None:
+                call.hash_key = _hash_key(b.hash, headers, peer)
+            if choice.mirrors:
+                self._choose_mirrors(call, choice)
         call.grpc = grpc
         timeout = rp.request_timeout
-        for name, _ in headers:
-            n = len(name)
-            if (n == 12 or n == 19) and name.lower() in _DEADLINE_NAMES:
-                break
-        else:
-            if timeout is None:
-                return call  # no deadline: the common case, without _with_deadline's call
+        # (The names are lowered and looked up in C: this runs for every request.)
+        if timeout is None and _DEADLINE_NAMES.isdisjoint(map(_LOWER, map(_NAME, headers))):
+            return call  # no deadline: the common case, without _with_deadline's call
         out = self._with_deadline(call, headers, timeout, now, grpc)
         if type(out) is Reply:
             call.finish(now)
         return out
+
+    def _route(
+        self, plan: _ServicePlan, method: bytes, target: bytes, headers: list[Header]
+    ) -> _RoutePlan | Reply:
+        """Match the route table: the remembered matches missed, or a route looks
+        at headers."""
+        assert plan.table is not None
+        hdrs: dict[str, str] = {}
+        if plan.needs_headers:
+            for name, value in headers:
+                hdrs.setdefault(name.lower().decode("latin-1"), value.decode("latin-1"))
+        view = RequestView.from_target(method.decode("latin-1"), target.decode("latin-1"), hdrs)
+        matched = plan.table.match(view, plan.port)
+        if matched is None:
+            return Reply(404, f"no route of {plan.key} matches", Flag.NO_ROUTE, grpc_status=12)
+        rp = plan.routes[id(matched)]
+        if not plan.needs_headers:
+            if len(plan.matched) >= MATCH_MEMO:
+                plan.matched.clear()
+            plan.matched[(method, target)] = rp
+        return rp
+
+    def _pick(
+        self, plan: _ServicePlan, rp: _RoutePlan, target: bytes, headers: list[Header], grpc: bool
+    ) -> tuple[_Choice, float] | Reply:
+        """The route's backend and injected delay when it is not a lone simple
+        backend: weighted choice, redirect, missing backend, fault injection."""
+        if not rp.cumulative or rp.cumulative[-1] == 0:
+            return Reply(500, f"route {rp.name} has no backend", Flag.NO_ROUTE, grpc_status=13)
+        i = 0
+        if len(rp.choices) > 1:
+            i = bisect.bisect_right(rp.cumulative, self.rng.random() * rp.cumulative[-1])
+        choice = rp.choices[i]
+        if choice.redirect is not None:
+            host = b""
+            for name, value in headers:
+                if name.lower() in (_HOST, _AUTHORITY):
+                    host = value
+            return self._redirect(choice.redirect, rp, target, host)
+        if choice.backend is None:
+            return Reply(500, choice.missing or "no backend", Flag.NO_ROUTE, grpc_status=13)
+        delay = 0.0
+        if plan.faults is not None:
+            fault = fl.decide(plan.faults, self.rng, grpc=grpc)
+            if fault.abort_http_status is not None or fault.abort_grpc_status is not None:
+                return _fault_reply(fault, grpc)
+            delay = fault.delay
+        return choice, delay
 
     def _redirect(
         self, redirect: pc.RequestRedirect, rp: _RoutePlan, target: bytes, host: bytes

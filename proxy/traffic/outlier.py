@@ -84,6 +84,17 @@ class OutlierDetector:
         self.ejections_total += 1
         return True
 
+    def on_success(self, endpoint: str) -> None:
+        """An answer that is no error (what `on_result` does for one, in fewer steps:
+        this runs for nearly every request)."""
+        st = self._states.get(endpoint)
+        if st is None:
+            st = self._states[endpoint] = _State()
+        st.window_total += 1
+        st.window_ok += 1
+        if st.consecutive_5xx or st.consecutive_gateway:
+            st.consecutive_5xx = st.consecutive_gateway = 0
+
     def on_result(
         self,
         endpoint: str,
