@@ -82,6 +82,15 @@ class GracefulH2Connection(h2.connection.H2Connection):
         self._scan_at = len(self.streams) + _SCAN_EVERY
         return count
 
+    def _prepare_for_sending(self, frames: list[Any]) -> None:
+        """h2's, without a generator per call and without its debug assertion
+        that no frame exceeds the peer's frame size (h2 splits HEADERS and our
+        pipes split DATA at `max_outbound_frame_size` before this)."""
+        if frames:
+            data = self._data_to_send
+            for frame in frames:
+                data += frame.serialize()
+
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
         """h2's own, less its `trace("Received frame: %s", repr(frame))`: the
         repr is built eagerly for a logger that drops it, several microseconds
