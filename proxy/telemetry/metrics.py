@@ -121,8 +121,11 @@ class RequestCollector(Collector):
         s.dur[_bisect(_latency, duration)] += 1
         s.dur_sum += duration
         size = rec.request_bytes
-        s.req[_bisect(_size, size)] += 1
-        s.req_sum += size
+        if size:
+            s.req[_bisect(_size, size)] += 1
+            s.req_sum += size
+        else:  # most requests have no body
+            s.req[0] += 1
         size = rec.response_bytes
         s.resp[_bisect(_size, size)] += 1
         s.resp_sum += size

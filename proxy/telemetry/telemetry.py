@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import random
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Final, Protocol
 
@@ -66,7 +67,10 @@ _USER_AGENT: Final = b"user-agent"
 _CONTENT_TYPE: Final = b"content-type"
 _HOST: Final = b"host"
 _INTERESTING: Final = TRACE_HEADER_NAMES | {_REQUEST_ID, _USER_AGENT, _CONTENT_TYPE, _HOST}
-_TRACING_FIELDS: Final = TRACE_HEADER_NAMES | {_REQUEST_ID, _CONTENT_TYPE}
+_TRACING_FIELDS: Final = TRACE_HEADER_NAMES | {_CONTENT_TYPE}
+_NAME: Final = operator.itemgetter(0)  # a header's name
+_LOWER: Final = bytes.lower
+_perf_counter: Final = time.perf_counter
 _OUTBOUND_NAMES: Final = frozenset({"source", "outbound"})
 # Every name `begin` may return (so a request without any of them keeps all its fields).
 _REPLACEABLE: Final = TRACE_HEADER_NAMES | {_REQUEST_ID}
@@ -253,10 +257,7 @@ def replace_trace_headers(headers: list[Header], trace_headers: list[Header]) ->
     `Telemetry.begin` returned). The same list when there is nothing to add."""
     if not trace_headers:
         return headers
-    for name, _ in headers:
-        if name.lower() in _REPLACEABLE:
-            break
-    else:
+    if _REPLACEABLE.isdisjoint(map(_LOWER, map(_NAME, headers))):
         return headers + trace_headers  # nothing to drop: the common case
     replaced = {name for name, _ in trace_headers}
     kept = [
@@ -378,7 +379,7 @@ class Telemetry:
         self,
         direction: Direction | str,
         protocol: str,
-        headers: Iterable[Header] = (),
+        headers: Sequence[Header] = (),
         *,
         method: str | bytes = "",
         authority: str | bytes = "",
@@ -404,7 +405,7 @@ class Telemetry:
         if not self._scan:
             # Metrics only: method, authority, path and peer feed only the access
             # log and spans, so they are not even decoded.
-            if protocol == "http":
+            if protocol == "http" and _CONTENT_TYPE in map(_LOWER, map(_NAME, headers)):
                 for name, value in headers:
                     if len(name) == 12 and name.lower() == _CONTENT_TYPE:
                         if value.startswith(b"application/grpc"):
@@ -517,7 +518,7 @@ class Telemetry:
         rec = RequestRecord("source" if outbound else "destination", protocol, self._clock())
         if not self._enabled:
             return rec
-        rec.mono_start = time.perf_counter()
+        rec.mono_start = _perf_counter()
         rec.destination_service = service
         s = self.settings
         if outbound:
@@ -530,18 +531,19 @@ class Telemetry:
             rec.destination_principal = s.principal
         return rec
 
-    def _read_headers(self, rec: RequestRecord, headers: Iterable[Header]) -> list[Header]:
+    def _read_headers(self, rec: RequestRecord, headers: Sequence[Header]) -> list[Header]:
         # Raw bytes, decoded only where something uses them. Host and User-Agent
         # matter only to a recorded request (sampled span, access log): the access
         # log reads them here, a sampled span in `_recorded` (1% of requests).
         found: dict[bytes, bytes] | None = None
         wanted = self._wanted
-        for name, value in headers:
-            lowered = name.lower()
-            if lowered in wanted:
-                if found is None:
-                    found = {}
-                found[lowered] = value
+        # Most requests carry none of them: names lowered and looked up in C first.
+        if not wanted.isdisjoint(map(_LOWER, map(_NAME, headers))):
+            found = {}
+            for name, value in headers:
+                lowered = name.lower()
+                if lowered in wanted:
+                    found[lowered] = value
         parent = None
         b3 = None
         if found is not None:
@@ -559,6 +561,10 @@ class Telemetry:
                 parent = extract(_decoded(found))
                 # B3 apps keep getting B3 at every hop, next to W3C.
                 b3 = "b3" if b"b3" in found else "b3multi" if b"x-b3-traceid" in found else None
+                if given_id is None:  # not among `wanted` without the access log
+                    for name, value in headers:
+                        if name.lower() == _REQUEST_ID:
+                            rec.request_id = value.decode("latin-1")
         if not self._tracing:
             if parent is not None:
                 rec.trace_id = parent.trace_id
@@ -605,20 +611,22 @@ class Telemetry:
         return out
 
     def _recorded(
-        self, rec: RequestRecord, headers: Iterable[Header], found: dict[bytes, bytes] | None
+        self, rec: RequestRecord, headers: Sequence[Header], found: dict[bytes, bytes] | None
     ) -> list[Header]:
         """A request the access log or a sampled span records: its request id
         (added to the headers when it had none), Host and User-Agent."""
         if not rec.sampled and self.access_log is None:
             return []
-        if self.access_log is None:  # sampled: `found` lacks Host and User-Agent
+        if self.access_log is None:  # sampled: `found` lacks Host, User-Agent, x-request-id
             found = dict(found or ())
             for name, value in headers:
                 lowered = name.lower()
-                if lowered in (_HOST, _USER_AGENT):
+                if lowered in (_HOST, _USER_AGENT, _REQUEST_ID):
                     found[lowered] = value
         found = found or {}
         out: list[Header] = []
+        if not rec.request_id and _REQUEST_ID in found:
+            rec.request_id = found[_REQUEST_ID].decode("latin-1")
         if not rec.request_id:
             # Else the HTTP/1 adapter adds one (HTTP/2's always has one by now):
             # nothing here would use it.
@@ -636,7 +644,7 @@ class Telemetry:
             return
         try:
             if rec.mono_start and not rec.duration:
-                rec.duration = time.perf_counter() - rec.mono_start
+                rec.duration = _perf_counter() - rec.mono_start
             # Not for TCP: its opened count was labelled before the endpoint was picked.
             if rec.reporter == "source" and self.describe_upstream and rec.protocol != "tcp":
                 self.describe_destination(rec)
