@@ -62,13 +62,26 @@ class RequestMeta:
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
 
+# The options of the few `Connection` values seen again and again (keep-alive,
+# close, upgrade), bounded.
+_options: dict[bytes, frozenset[bytes]] = {}
+_MAX_OPTIONS = 256
+
+
 def _connection_options(headers: Headers) -> frozenset[bytes]:
     """The options of every `Connection` field (lowercased); usually one pass of
     length checks, since most messages carry none or `keep-alive`."""
     tokens = _NO_TOKENS
     for name, value in headers:
         if len(name) == 10 and name.lower() == b"connection":
-            tokens = tokens | connection_tokens((value,))
+            found = _options.get(value)
+            if found is None:
+                found = connection_tokens((value,))
+                if len(value) <= 64:
+                    if len(_options) >= _MAX_OPTIONS:
+                        _options.clear()
+                    _options[value] = found
+            tokens = tokens | found if tokens else found
     return tokens
 
 
