@@ -257,7 +257,13 @@ def replace_trace_headers(headers: list[Header], trace_headers: list[Header]) ->
     `Telemetry.begin` returned). The same list when there is nothing to add."""
     if not trace_headers:
         return headers
-    if _REPLACEABLE.isdisjoint(map(_LOWER, map(_NAME, headers))):
+    # What may go: the incoming trace fields, and x-request-id when `begin` made one.
+    drop = (
+        TRACE_HEADER_NAMES
+        if TRACE_HEADER_NAMES.issuperset(map(_NAME, trace_headers))
+        else _REPLACEABLE
+    )
+    if drop.isdisjoint(map(_LOWER, map(_NAME, headers))):
         return headers + trace_headers  # nothing to drop: the common case
     replaced = {name for name, _ in trace_headers}
     kept = [

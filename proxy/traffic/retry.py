@@ -149,6 +149,8 @@ class RetryBudget:
         # Until this time (and from the current bucket's second on) no bucket
         # expires and no new one starts: the current bucket takes the count.
         self._steady_until = -math.inf
+        self._current: list[float] = [math.inf, 0.0, 0.0]  # _buckets[-1] once there is one
+        self._current_second = math.inf
 
     def _bucket(self, now: float) -> list[float]:
         buckets = self._buckets
@@ -163,7 +165,8 @@ class RetryBudget:
             self._requests = self._retries = 0.0  # no rounding residue when empty
         if not buckets or buckets[-1][0] != second:
             buckets.append([second, 0.0, 0.0])
-        current = buckets[-1]
+        current = self._current = buckets[-1]
+        self._current_second = current[0]
         # The oldest bucket leaves once now - window reaches its second. (int()
         # truncates towards zero: before 0 the fast path would disagree.)
         self._steady_until = (
@@ -177,9 +180,8 @@ class RetryBudget:
         self._steady_until = -math.inf  # the window may have shrunk: recheck expiry
 
     def on_request(self, now: float) -> None:
-        buckets = self._buckets
-        if buckets and buckets[-1][0] <= now < self._steady_until:
-            buckets[-1][1] += 1  # _bucket's fast path, inlined: once per request
+        if self._current_second <= now < self._steady_until:
+            self._current[1] += 1  # _bucket's fast path, inlined: once per request
         else:
             self._bucket(now)[1] += 1
         self._requests += 1

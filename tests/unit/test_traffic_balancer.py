@@ -127,3 +127,13 @@ def test_ewma_new_replica_gets_traffic_beside_a_fast_known_one() -> None:
         b.on_end("old", now, 0.001, True)
     picks = drive(b, {"old": 0.001, "new1": 0.001, "new2": 0.001}, 300, rng)
     assert picks["new1"] > 30 and picks["new2"] > 30
+
+
+def test_two_choices_are_distinct_and_cover_every_ordered_pair() -> None:
+    from proxy.traffic.balancer import _two_distinct
+
+    rng = random.Random(5)
+    seen = Counter(_two_distinct(["a", "b", "c"], rng) for _ in range(3000))
+    assert all(x != y for x, y in seen)
+    assert len(seen) == 6  # each ordered pair: ties go either way
+    assert min(seen.values()) > 400  # about 500 each

@@ -206,3 +206,70 @@ def test_fault_percentages() -> None:
     assert 0.18 < delayed < 0.22 and 0.08 < aborted < 0.12
     with pytest.raises(ValueError, match="abort_percent"):
         FaultPolicy(abort_percent=120)
+
+
+class _ReferenceBudget:
+    """The budget as first written (a deque scan per call): what RetryBudget's
+    running totals and fast path must agree with."""
+
+    def __init__(self, ratio: float, min_per_second: float, window: float) -> None:
+        self.ratio, self.min_per_second, self.window = ratio, min_per_second, window
+        self.buckets: list[list[float]] = []
+
+    def _bucket(self, now: float) -> list[float]:
+        second = float(int(now))
+        while self.buckets and self.buckets[0][0] <= now - self.window:
+            self.buckets.pop(0)
+        if not self.buckets or self.buckets[-1][0] != second:
+            self.buckets.append([second, 0.0, 0.0])
+        return self.buckets[-1]
+
+    def on_request(self, now: float) -> None:
+        self._bucket(now)[1] += 1
+
+    def try_withdraw(self, now: float) -> bool:
+        current = self._bucket(now)
+        requests = sum(b[1] for b in self.buckets)
+        retries = sum(b[2] for b in self.buckets)
+        if retries + 1 > self.ratio * requests + self.min_per_second * self.window:
+            return False
+        current[2] += 1
+        return True
+
+
+@given(
+    st.lists(
+        st.tuples(st.floats(min_value=0.0, max_value=0.4), st.booleans()),
+        min_size=1,
+        max_size=300,
+    ),
+    st.sampled_from([(0.2, 1.0, 10.0), (0.5, 0.0, 4.0), (0.0, 1.0, 2.0), (1.0, 0.0, 3.5)]),
+    st.integers(min_value=0, max_value=299),
+)
+def test_budget_agrees_with_the_reference(
+    steps: list[tuple[float, bool]], settings: tuple[float, float, float], reconfigure_at: int
+) -> None:
+    ratio, per_second, window = settings
+    budget = RetryBudget(ratio=ratio, min_per_second=per_second, window=window)
+    reference = _ReferenceBudget(ratio, per_second, window)
+    now = 0.0
+    for i, (step, retry) in enumerate(steps):
+        now += step
+        if i == reconfigure_at % len(steps):  # a shrinking window expires old buckets at once
+            budget.configure(ratio=ratio, min_per_second=per_second, window=window / 4)
+            reference.window = window / 4
+        if retry:
+            assert budget.try_withdraw(now) == reference.try_withdraw(now)
+        else:
+            budget.on_request(now)
+            reference.on_request(now)
+
+
+def test_budget_shrunk_window_forgets_at_once() -> None:
+    budget = RetryBudget(ratio=0.5, min_per_second=0.0, window=4.0)
+    for _ in range(10):
+        budget.on_request(0.1)
+    budget.on_request(1.1)
+    budget.configure(ratio=0.5, min_per_second=0.0, window=1.0)
+    # Only the request at 1.1 is within the new window: half a retry, none allowed.
+    assert not budget.try_withdraw(1.3)
