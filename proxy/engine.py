@@ -501,7 +501,8 @@ class Call:
         st = b.state
         # (`healthy` has nothing to do while no detector has ejected anything.)
         eps = b.endpoints if now >= st.plain_after else st.healthy(b.endpoints, now)[0]
-        key = st.balancer.pick(eps, now, self.engine.rng, hash_key=self.hash_key, avoid=self.tried)
+        balancer = st.balancer
+        key = balancer.pick(eps, now, self.engine.rng, hash_key=self.hash_key, avoid=self.tried)
         if key is None:
             self.flag_set.add(Flag.NO_HEALTHY_UPSTREAM)
             return flag_reply(Flag.NO_HEALTHY_UPSTREAM, f"no healthy endpoint of {b.key}:{b.port}")
@@ -516,7 +517,7 @@ class Call:
                     return PENDING
             self.flag_set.add(Flag.UPSTREAM_OVERFLOW)
             return flag_reply(Flag.UPSTREAM_OVERFLOW, f"circuit breaker open for {b.key}")
-        st.balancer.on_start(key, now)
+        balancer.on_start(key, now)
         self.attempts += 1
         self.tried.append(key)
         self.current = key
@@ -554,7 +555,11 @@ class Call:
         b = self.backend
         assert b is not None
         st = b.state
-        ok = failure is None and (status is None or status < 500) and grpc_status in (None, 0, 1)
+        # An answer that is no error, without gRPC status: the common case.
+        plain = failure is None and grpc_status is None and (status is None or status < 500)
+        ok = plain or (
+            failure is None and (status is None or status < 500) and grpc_status in (0, 1)
+        )
         latency = now - self.started
         st.balancer.on_end(key, now, latency if latency > 0.0 else 0.0, ok)
         if st.breaker is not None:
@@ -570,8 +575,8 @@ class Call:
         od = st.outlier
         if od is None:
             return
-        if failure is None and grpc_status is None and (status is None or status < 500):
-            od.on_success(key)  # the common case
+        if plain:
+            od.on_success(key)
         else:
             gateway_status = status
             if grpc_status == 14 and (status is None or status < 500):
