@@ -545,61 +545,6 @@ class Call:
             if br is not None:
                 br.release(Resource.CONNECTIONS)
 
-    def _end_attempt(
-        self, now: float, status: int | None, failure: Failure | None, grpc_status: int | None
-    ) -> None:
-        key = self.current
-        if key is None:
-            return
-        self.current = None
-        b = self.backend
-        assert b is not None
-        st = b.state
-        # An answer that is no error, without gRPC status: the common case.
-        plain = failure is None and grpc_status is None and (status is None or status < 500)
-        ok = plain or (
-            failure is None and (status is None or status < 500) and grpc_status in (0, 1)
-        )
-        latency = now - self.started
-        st.balancer.on_end(key, now, latency if latency > 0.0 else 0.0, ok)
-        if st.breaker is not None:
-            if failure is None:
-                # Answered: the connection stays busy until the response is over
-                # (`finish`), or the next attempt reuses the slot.
-                self.granted = True
-            else:
-                st.breaker.release(Resource.CONNECTIONS)
-            if self.held_retry:
-                st.breaker.release(Resource.RETRIES)
-                self.held_retry = False
-        od = st.outlier
-        if od is None:
-            return
-        if plain:
-            od.on_success(key)
-        else:
-            gateway_status = status
-            if grpc_status == 14 and (status is None or status < 500):
-                gateway_status = 503  # UNAVAILABLE: the gRPC spelling of 503
-            elif failure is None:
-                pass
-            elif failure is Failure.TIMEOUT:
-                gateway_status = 504
-            elif failure is Failure.RESET:
-                gateway_status = 502
-            ejected = od.on_result(
-                key,
-                now,
-                status=gateway_status,
-                connect_failure=failure is Failure.CONNECT_FAILURE,
-                total_endpoints=len(b.endpoints),
-            )
-            if ejected:
-                st.ejected(now)
-                log.info("outlier detection ejected %s of %s", key, b.key)
-                if self.engine.on_ejection is not None:
-                    self.engine.on_ejection(b.key)
-
     def result(
         self,
         now: float,
@@ -610,7 +555,58 @@ class Call:
     ) -> float | None:
         """Record one attempt's outcome; the backoff before the next attempt, or
         None when this outcome is final (answer it, or fail with `failure`)."""
-        self._end_attempt(now, status, failure, grpc_status)
+        # The attempt in flight ends: balancer, breaker and outlier detector learn
+        # its outcome. (Inline: this runs once per attempt.)
+        key = self.current
+        if key is not None:
+            self.current = None
+            b = self.backend
+            assert b is not None
+            st = b.state
+            # An answer that is no error, without gRPC status: the common case.
+            plain = failure is None and grpc_status is None and (status is None or status < 500)
+            ok = plain or (
+                failure is None and (status is None or status < 500) and grpc_status in (0, 1)
+            )
+            latency = now - self.started
+            st.balancer.on_end(key, now, latency if latency > 0.0 else 0.0, ok)
+            if st.breaker is not None:
+                if failure is None:
+                    # Answered: the connection stays busy until the response is over
+                    # (`finish`), or the next attempt reuses the slot.
+                    self.granted = True
+                else:
+                    st.breaker.release(Resource.CONNECTIONS)
+                if self.held_retry:
+                    st.breaker.release(Resource.RETRIES)
+                    self.held_retry = False
+            od = st.outlier
+            if od is None:
+                pass
+            elif plain:
+                od.on_success(key)
+            else:
+                gateway_status = status
+                if grpc_status == 14 and (status is None or status < 500):
+                    gateway_status = 503  # UNAVAILABLE: the gRPC spelling of 503
+                elif failure is None:
+                    pass
+                elif failure is Failure.TIMEOUT:
+                    gateway_status = 504
+                elif failure is Failure.RESET:
+                    gateway_status = 502
+                ejected = od.on_result(
+                    key,
+                    now,
+                    status=gateway_status,
+                    connect_failure=failure is Failure.CONNECT_FAILURE,
+                    total_endpoints=len(b.endpoints),
+                )
+                if ejected:
+                    st.ejected(now)
+                    log.info("outlier detection ejected %s of %s", key, b.key)
+                    if self.engine.on_ejection is not None:
+                        self.engine.on_ejection(b.key)
         if failure is None:
             if (status is None or status < 400) and not grpc_status:
                 return None  # the common case: done
@@ -664,7 +660,7 @@ class Call:
         """The request is over (answered, failed or abandoned): release what it held."""
         if self.current is not None:
             # Abandoned mid-attempt (the client went away): not the endpoint's fault.
-            self._end_attempt(now, None, None, None)
+            self.result(now)  # no outcome: ends the attempt, decides nothing
         if self.waiter is not None or self.granted:
             self.cancel_wait()
         b = self.backend
