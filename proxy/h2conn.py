@@ -60,6 +60,13 @@ class GracefulH2Connection(h2.connection.H2Connection):
         event.additional_data = frame.additional_data or None
         return [], [event]
 
+    # How many closed streams h2 remembers (and how: reset or ended), to answer
+    # a frame that arrives late for one of them correctly. h2's default, 2**16,
+    # grows a long-lived connection by ~5 MB (an upstream connection carries
+    # every request to its address); late frames come within a round trip, when
+    # at most about MAX_CONCURRENT_STREAMS plus the streams of one RTT closed.
+    MAX_CLOSED_STREAMS = 4 * MAX_CONCURRENT_STREAMS
+
     # h2 counts open streams, to enforce MAX_CONCURRENT_STREAMS, by walking all
     # of its streams (and dropping the closed ones) for every new stream: with
     # dozens of streams multiplexed on one upstream connection that walk is a

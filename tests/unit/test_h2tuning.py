@@ -218,3 +218,20 @@ def test_h2_connections_that_validate_still_do() -> None:
     client.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http")], end_stream=True)
     with pytest.raises(h2.exceptions.ProtocolError, match="path"):
         server.receive_data(client.data_to_send())
+
+
+def test_a_long_lived_connection_remembers_a_bounded_number_of_closed_streams() -> None:
+    """h2 would remember 2**16 closed streams per connection (~5 MB on an upstream
+    connection that carries every request to its address)."""
+    from proxy.h2conn import GracefulH2Connection
+
+    client, server = _pair()
+    limit = GracefulH2Connection.MAX_CLOSED_STREAMS
+    for _ in range(limit + 100):
+        sid = client.get_next_available_stream_id()
+        client.send_headers(sid, REQUEST, end_stream=True)
+        server.receive_data(client.data_to_send())
+        server.send_headers(sid, [(b":status", b"204")], end_stream=True)
+        client.receive_data(server.data_to_send())
+    assert limit < 2**16
+    assert len(client._closed_streams) <= limit and len(server._closed_streams) <= limit
