@@ -365,15 +365,21 @@ def test_8_breaker_answers_503_within_5ms_when_its_limit_is_reached(mesh: World)
         while mesh.stats("a")["hits"] < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         times = []
-        for _ in range(5):
+        for _ in range(9):
             t0 = time.perf_counter()
             status, _, _ = c.get("/")
             times.append(time.perf_counter() - t0)
             assert status == 503
         t.join(5)
     assert first == [200]
-    assert sorted(times)[len(times) // 2] < 0.005, times  # the median, on the client's clock
-    assert any("UO" in e["response_flags"] for e in mesh.access_log())
+    # Never waited for the busy upstream (0.8 s): every overflow is answered at once.
+    assert max(times) < 0.4, times
+    # Within 5 ms as the proxy measures it (its access log), so a client thread
+    # descheduled on a loaded CI machine does not decide the verdict.
+    overflowed = [e["duration_ms"] for e in mesh.access_log() if "UO" in e["response_flags"]]
+    assert len(overflowed) >= 9, overflowed
+    assert sorted(overflowed)[len(overflowed) // 2] < 5.0, overflowed
+    assert sorted(times)[len(times) // 2] < 0.05, times  # the client's clock, loosely
 
 
 # 9. fault injection and mirroring ----------------------------------------------------------
