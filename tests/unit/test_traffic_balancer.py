@@ -100,6 +100,7 @@ def test_consistent_hash_is_sticky_and_moves_few_keys(cls) -> None:
 def test_consistent_hash_retry_avoids_previous_endpoint() -> None:
     for b in (RingHash(), Maglev()):
         first = b.pick(EPS, 0, random.Random(0), hash_key=b"k")
+        assert first is not None
         again = b.pick(EPS, 0, random.Random(0), hash_key=b"k", avoid={first})
         assert again != first
 
