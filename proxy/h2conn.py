@@ -41,6 +41,23 @@ MAX_CONCURRENT_STREAMS = 1000
 _SCAN_EVERY = 16
 
 
+def _uses(function: Any, *names: str) -> bool:
+    """Whether h2's `function` still works with these internals (the overrides
+    below copy it, tested with h2 4.4); if not, h2's own is kept."""
+    return set(names) <= set(function.__code__.co_names)
+
+
+_H2 = h2.connection.H2Connection
+_OWN_RECEIVE_FRAME = _uses(
+    _H2._receive_frame,
+    "_frame_dispatch_table",
+    "_stream_is_closed_by_reset",
+    "_stream_is_closed_by_end",
+    "_prepare_for_sending",
+)
+_OWN_PREPARE_FOR_SENDING = _uses(_H2._prepare_for_sending, "_data_to_send")
+
+
 class GracefulH2Connection(h2.connection.H2Connection):
     """An H2Connection that keeps working after a GOAWAY is received.
 
@@ -89,44 +106,46 @@ class GracefulH2Connection(h2.connection.H2Connection):
         self._scan_at = len(self.streams) + _SCAN_EVERY
         return count
 
-    def _prepare_for_sending(self, frames: list[Any]) -> None:
-        """h2's, without a generator per call and without its debug assertion
-        that no frame exceeds the peer's frame size (h2 splits HEADERS and our
-        pipes split DATA at `max_outbound_frame_size` before this)."""
-        if frames:
-            data = self._data_to_send
-            for frame in frames:
-                data += frame.serialize()
+    if _OWN_PREPARE_FOR_SENDING:
 
-    def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
-        """h2's own, less its `trace("Received frame: %s", repr(frame))`: the
-        repr is built eagerly for a logger that drops it, several microseconds
-        per frame."""
-        try:
-            frames, events = self._frame_dispatch_table[frame.__class__](frame)
-        except h2.exceptions.StreamClosedError as e:
-            # Closed by our RST_STREAM: a stream error, answered with RST_STREAM;
-            # otherwise a connection error.
-            if not self._stream_is_closed_by_reset(e.stream_id):
-                raise
-            f = RstStreamFrame(e.stream_id)
-            f.error_code = e.error_code
-            self._prepare_for_sending([f])
-            return e._events  # type: ignore[no-any-return]
-        except h2.exceptions.StreamIDTooLowError as e:
-            # A frame for a stream already cleaned up, or implicitly closed by a
-            # higher stream id: a stream error after our RST_STREAM, a
-            # connection error otherwise.
-            if self._stream_is_closed_by_reset(e.stream_id):
+        def _prepare_for_sending(self, frames: list[Any]) -> None:
+            """h2's, without a generator per call and without its debug assertion
+            that no frame exceeds the peer's frame size (h2 splits HEADERS and our
+            pipes split DATA at `max_outbound_frame_size` before this)."""
+            for frame in frames:
+                self._data_to_send += frame.serialize()
+
+    if _OWN_RECEIVE_FRAME:
+
+        def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
+            """h2's own, less its `trace("Received frame: %s", repr(frame))`: the
+            repr is built eagerly for a logger that drops it, several microseconds
+            per frame."""
+            try:
+                frames, events = self._frame_dispatch_table[frame.__class__](frame)
+            except h2.exceptions.StreamClosedError as e:
+                # Closed by our RST_STREAM: a stream error, answered with RST_STREAM;
+                # otherwise a connection error.
+                if not self._stream_is_closed_by_reset(e.stream_id):
+                    raise
                 f = RstStreamFrame(e.stream_id)
-                f.error_code = h2.errors.ErrorCodes.STREAM_CLOSED
+                f.error_code = e.error_code
                 self._prepare_for_sending([f])
-                return []
-            if self._stream_is_closed_by_end(e.stream_id):
-                raise h2.exceptions.StreamClosedError(e.stream_id) from e
-            raise
-        self._prepare_for_sending(frames)
-        return events  # type: ignore[no-any-return]
+                return e._events  # type: ignore[no-any-return]
+            except h2.exceptions.StreamIDTooLowError as e:
+                # A frame for a stream already cleaned up, or implicitly closed by a
+                # higher stream id: a stream error after our RST_STREAM, a
+                # connection error otherwise.
+                if self._stream_is_closed_by_reset(e.stream_id):
+                    f = RstStreamFrame(e.stream_id)
+                    f.error_code = h2.errors.ErrorCodes.STREAM_CLOSED
+                    self._prepare_for_sending([f])
+                    return []
+                if self._stream_is_closed_by_end(e.stream_id):
+                    raise h2.exceptions.StreamClosedError(e.stream_id) from e
+                raise
+            self._prepare_for_sending(frames)
+            return events  # type: ignore[no-any-return]
 
 
 def new_connection(*, client_side: bool, max_header_list_size: int) -> GracefulH2Connection:

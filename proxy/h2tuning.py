@@ -243,7 +243,7 @@ class CachingDecoder(Decoder):
 
 # -- h2 --------------------------------------------------------------------------
 
-_utf8_encode_headers = h2.stream.utf8_encode_headers
+_utf8_encode_headers = getattr(h2.stream, "utf8_encode_headers", None)
 
 
 def utf8_encode_headers(headers: Any) -> Any:
@@ -252,11 +252,12 @@ def utf8_encode_headers(headers: Any) -> Any:
     out = list(headers)
     for header in out:
         if type(header[0]) is not bytes or type(header[1]) is not bytes or len(header) != 2:
+            assert _utf8_encode_headers is not None  # only installed when h2 has one
             return _utf8_encode_headers(out)
     return out
 
 
-_build_hdr_validation_flags = h2.stream.H2Stream._build_hdr_validation_flags
+_build_hdr_validation_flags = getattr(h2.stream.H2Stream, "_build_hdr_validation_flags", None)
 
 
 def _hdr_validation_flags(self: h2.stream.H2Stream, events: Any) -> Any:
@@ -269,6 +270,7 @@ def _hdr_validation_flags(self: h2.stream.H2Stream, events: Any) -> Any:
         or config.validate_outbound_headers
         or config.normalize_outbound_headers
     ):
+        assert _build_hdr_validation_flags is not None  # only installed when h2 has it
         return _build_hdr_validation_flags(self, events)
     return None
 
@@ -328,10 +330,19 @@ def _flags_init(self: hyperframe.flags.Flags, defined_flags: Any) -> None:
 
 
 def apply() -> None:
-    hyperframe.flags.Flags.__init__ = _flags_init  # type: ignore[method-assign]
-    _fast_enum_hashes()
-    h2.stream.utf8_encode_headers = utf8_encode_headers  # type: ignore[assignment]
-    h2.stream.H2Stream._build_hdr_validation_flags = _hdr_validation_flags  # type: ignore[method-assign]
+    """Install what the installed h2/hyperframe versions have the internals for
+    (tested with h2 4.4, hyperframe 6.1, hpack 4.2); anything else is skipped,
+    slower but correct."""
+    if {"_valid_flags", "_flags"} <= set(hyperframe.flags.Flags.__init__.__code__.co_names):
+        hyperframe.flags.Flags.__init__ = _flags_init  # type: ignore[method-assign]
+    if hasattr(h2.stream, "_transitions") and hasattr(
+        h2.connection.H2ConnectionStateMachine, "_transitions"
+    ):
+        _fast_enum_hashes()
+    if _utf8_encode_headers is not None:
+        h2.stream.utf8_encode_headers = utf8_encode_headers  # type: ignore[assignment]
+    if _build_hdr_validation_flags is not None:
+        h2.stream.H2Stream._build_hdr_validation_flags = _hdr_validation_flags  # type: ignore[method-assign]
     hpack.hpack.decode_huffman = cached_decode_huffman
     hpack.hpack.log = _NoLog()  # type: ignore[assignment]
     hpack.table.log = _NoLog()  # type: ignore[assignment]

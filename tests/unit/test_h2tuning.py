@@ -235,3 +235,18 @@ def test_a_long_lived_connection_remembers_a_bounded_number_of_closed_streams() 
         client.receive_data(server.data_to_send())
     assert limit < 2**16
     assert len(client._closed_streams) <= limit and len(server._closed_streams) <= limit
+
+
+def test_the_speed_ups_are_installed_with_the_h2_this_was_tested_with() -> None:
+    """Each patch is skipped when h2/hyperframe no longer have the internals it
+    relies on (slower but correct); this says so when a new release does that."""
+    import h2.stream
+    import hyperframe.flags
+
+    from proxy import h2conn, h2tuning
+
+    assert h2conn._OWN_RECEIVE_FRAME and h2conn._OWN_PREPARE_FOR_SENDING
+    assert hyperframe.flags.Flags.__init__ is h2tuning._flags_init
+    assert h2.stream.utf8_encode_headers is h2tuning.utf8_encode_headers
+    assert h2.stream.H2Stream._build_hdr_validation_flags is h2tuning._hdr_validation_flags
+    assert h2.stream.StreamInputs.__hash__ is object.__hash__
