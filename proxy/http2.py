@@ -42,6 +42,7 @@ from proxy.h2conn import Endpoint, Header, Pipe, new_connection, reset_stream
 from proxy.h2headers import (
     GRPC_UNAVAILABLE,
     MalformedHeaders,
+    encode_grpc_message,
     error_response,
     header_value,
     is_grpc,
@@ -280,7 +281,36 @@ class Exchange:
             return
         self.call.flag_set.add(Flag.UPSTREAM_TIMEOUT)
         log.debug("stream %d: request timeout passed mid-response", self.down_id)
+        if self.grpc and self._end_grpc_with_deadline_exceeded():
+            return
         self._reset_both(_CANCEL)
+
+    def _end_grpc_with_deadline_exceeded(self) -> bool:
+        """A gRPC client reads a call's outcome from its trailers and takes a bare
+        RST_STREAM for CANCELLED: end the stream with DEADLINE_EXCEEDED trailers
+        instead, so the answer is the same whether the client's own deadline timer
+        or the proxy's wins the race. Data still queued behind flow control is
+        dropped (a partial message is discarded by the client anyway)."""
+        down, resp = self.down, self.resp
+        if not down.alive or resp is None or resp.ended:
+            return False
+        resp.abandon()  # later upstream data is acknowledged and dropped
+        trailers = [
+            (b"grpc-status", str(GRPC_DEADLINE_EXCEEDED).encode()),
+            (b"grpc-message", encode_grpc_message("request timeout passed mid-response")),
+        ]
+        try:
+            down.h2.send_headers(self.down_id, trailers, end_stream=True)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return False
+        self.rec.grpc_status = str(GRPC_DEADLINE_EXCEEDED)
+        if self.up is not None:
+            reset_stream(self.up, self.up_id, _CANCEL)
+        if not self.req.ended:
+            reset_stream(down, self.down_id, _NO_ERROR)
+        down.mark()
+        self._finish()
+        return True
 
     def _try_timed_out(self) -> None:
         self.timer = None

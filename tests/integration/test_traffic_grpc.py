@@ -19,7 +19,7 @@ from tests.integration.grpc_support.service import (
     GrpcServer,
 )
 from tests.integration.proxy_harness import RunningProxy, start_proxy
-from tests.integration.traffic_harness import ConfigWriter, service, wait_version
+from tests.integration.traffic_harness import ConfigWriter, http_route, service, wait_version
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -158,3 +158,28 @@ def test_grpc_timeout_expired_answers_deadline_exceeded(
     finally:
         proxy.stop()
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_route_timeout_mid_stream_ends_the_call_with_deadline_exceeded(
+    tmp_path: Path, grpc_servers: list[GrpcServer]
+) -> None:
+    """The proxy's own timer (a route timeout; the client sets no deadline) cuts a
+    call whose response is streaming: the client must read DEADLINE_EXCEEDED from
+    trailers, not CANCELLED from a bare RST_STREAM, and the server is cancelled."""
+    (pod,) = start(grpc_servers, 1)
+    vip = ConfigWriter.vip_port()
+    route = http_route("shop/echo", [("shop/echo", vip, 1)], timeouts=pc.RouteTimeouts(request=0.3))
+    svc = service("shop/echo", vip, [("127.0.0.1", pod.port)], protocol="grpc", routes=[route])
+    proxy, _ = proxy_for(tmp_path, svc)
+    try:
+        with EchoClient(f"127.0.0.1:{proxy.outbound[1]}") as client:
+            hang = client.channel.unary_stream("/synchro.test.Echo/Hang")
+            received: list[bytes] = []
+            with pytest.raises(grpc.RpcError) as info:
+                for message in hang(b"x"):
+                    received.append(message)
+    finally:
+        proxy.stop()
+    assert received == [b"started"]
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value
+    assert pod.service.cancelled.wait(5)
