@@ -42,6 +42,8 @@ from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
+from proxy.telemetry.telemetry import TRACE_HEADER_NAMES
+
 _MAX_CACHED_LEN = 128
 _MAX_ENTRIES = 4096
 _cache: dict[bytes, bytes] = {}
@@ -74,18 +76,7 @@ class _NoLog:
 _STATIC = HeaderTable.STATIC_TABLE_MAPPING
 _huffman = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
 # Fields whose value is new on every request: caching them would only evict the rest.
-UNIQUE_VALUES = frozenset(
-    {
-        b"x-request-id",
-        b"traceparent",
-        b"tracestate",
-        b"b3",
-        b"x-b3-traceid",
-        b"x-b3-spanid",
-        b"x-b3-parentspanid",
-        b"x-client-trace-id",
-    }
-)
+UNIQUE_VALUES = TRACE_HEADER_NAMES | {b"x-request-id", b"x-client-trace-id"}
 _MAX_FIELD_LEN = 256
 _fields: dict[tuple[bytes, bytes], bytes] = {}
 
