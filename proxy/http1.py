@@ -687,9 +687,18 @@ class _Conn:
                     rec.route = call.route
                     if call.touches_headers:
                         headers = call.rewrite_headers(headers)
-            return await self._forward(req, headers, call)
+                    # Straight to the attempt loop: one coroutine level less per request.
+                    head = self._head(req, headers)
+                    if call.target is not None:
+                        head[2] = call.target
+                    b = call.backend
+                    if b is not None:
+                        self.up_connect, self.up_idle = b.connect_timeout, b.idle_timeout
+                    return await self._attempts(req, head, call)
+            return await self._forward(req, headers)
         finally:
             if call is not None:
+                self.up_connect = self.up_idle = None
                 call.finish(self.loop.time())
                 rec.flags = call.flags
                 rec.attempts = call.attempts
@@ -735,7 +744,9 @@ class _Conn:
             return True
         return any(ev is _END for ev in self.rr.events)
 
-    async def _forward(self, req: _Request, headers: hdrs.Headers, call: Call | None) -> bool:
+    def _head(self, req: _Request, headers: hdrs.Headers) -> list[bytes]:
+        """The request head to send upstream without its final CRLF; for CONNECT,
+        only its header lines."""
         try:
             pieces, meta = hdrs.forward_request(
                 headers, new_request_id=hdrs.new_request_id, default_host=self.default_host
@@ -745,8 +756,7 @@ class _Conn:
         req.meta = meta
         self.body_done = not meta.has_body
         if req.method == b"CONNECT":
-            await self._connect_tunnel(req, pieces)
-            return False
+            return pieces
         head = [req.method, b" ", req.target, b" HTTP/1.1\r\n", *pieces]
         if meta.upgrade is not None:
             head += (b"Connection: upgrade\r\nUpgrade: ", meta.upgrade, _CRLF)
@@ -754,16 +764,14 @@ class _Conn:
             head.append(b"TE: trailers\r\nConnection: te\r\n")
         if meta.chunked:
             head.append(b"Transfer-Encoding: chunked\r\n")
-        if call is not None:
-            if call.target is not None:
-                head[2] = call.target
-            b = call.backend
-            if b is not None:
-                self.up_connect, self.up_idle = b.connect_timeout, b.idle_timeout
-            try:
-                return await self._attempts(req, head, call)
-            finally:
-                self.up_connect = self.up_idle = None
+        return head
+
+    async def _forward(self, req: _Request, headers: hdrs.Headers) -> bool:
+        """Proxy a request the traffic engine does not handle."""
+        head = self._head(req, headers)
+        if req.method == b"CONNECT":
+            await self._connect_tunnel(req, head)
+            return False
         head.append(_CRLF)
         address = self.choose_upstream(req)
         try:
@@ -779,30 +787,35 @@ class _Conn:
         remaining deadline. A body is replayed only when it was read whole first.
         """
         loop = self.loop
-        meta = req.meta
         if call.delay:
             await asyncio.sleep(call.delay)  # fault injection
-        retry = call.retry
-        if (
-            not self.body_done
-            and meta.content_length is not None
-            and not meta.expect_continue
-            and (
-                (
-                    retry is not None
-                    and retry.attempts > 1
-                    and meta.content_length <= MAX_RETRIABLE_BODY
-                )
-                or (call.mirrors and meta.content_length <= MIRROR_BODY_LIMIT)
-            )
-        ):
-            await self._read_whole_body(req)
-        body: list[bytes] = []
+        body: list[bytes] | tuple[()] = ()
         if not self.body_done:
+            meta = req.meta
+            retry = call.retry
+            if (
+                meta.content_length is not None
+                and not meta.expect_continue
+                and (
+                    (
+                        retry is not None
+                        and retry.attempts > 1
+                        and meta.content_length <= MAX_RETRIABLE_BODY
+                    )
+                    or (call.mirrors and meta.content_length <= MIRROR_BODY_LIMIT)
+                )
+            ):
+                await self._read_whole_body(req)
+            body = []
             self.body_done = self._take_body(body, meta.chunked, req)
-        call.body_size = sum(map(len, body)) if self.body_done else None
+            call.body_size = sum(map(len, body)) if self.body_done else None
+        # (else no body: `call.body_size` stays 0.)
         if call.mirrors and call.body_size is not None and call.body_size <= MIRROR_BODY_LIMIT:
             self._mirror(call, head, body)
+        # Without a deadline or per-try timeout every attempt sends the same bytes.
+        same: list[bytes] | None = None
+        if call.deadline.at is None and call.per_try is None:
+            same = [*head, _CRLF, *body]
         while True:
             now = loop.time()
             target = call.next_address(now, self._slot_granted)
@@ -815,8 +828,8 @@ class _Conn:
                 return await self._reply(req, target)
             assert isinstance(target, Address)
             timeout = None
-            if call.deadline.at is None and call.per_try is None:
-                attempt = [*head, _CRLF, *body]
+            if same is not None:
+                attempt = same
             else:
                 attempt = head + [b"%s: %s\r\n" % h for h in call.deadline_headers(now)]
                 attempt.append(_CRLF)
@@ -920,7 +933,7 @@ class _Conn:
             self.stats.bytes_from_downstream += len(data)
             self.rr.feed(data)
 
-    def _mirror(self, call: Call, head: list[bytes], body: list[bytes]) -> None:
+    def _mirror(self, call: Call, head: list[bytes], body: list[bytes] | tuple[()]) -> None:
         """Fire-and-forget copies (RequestMirror); their answers are read and dropped."""
         engine = self.engine
         assert engine is not None
