@@ -32,6 +32,7 @@ import platform
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -167,10 +168,11 @@ def _shadow(directory: str) -> int:
 
 def _new_root() -> int:
     """Make `/` a tmpfs holding the host's top-level entries; its device number."""
-    scratch = f"/tmp/.synchro-root-{os.getpid()}"
-    if not os.path.isdir("/tmp"):
-        scratch = f"/run/.synchro-root-{os.getpid()}"
-    os.mkdir(scratch, 0o700)
+    # An unpredictable name (mkdtemp, mode 0700): another local user cannot
+    # claim it in advance in the shared /tmp.
+    scratch = tempfile.mkdtemp(
+        prefix=".synchro-root-", dir="/tmp" if os.path.isdir("/tmp") else "/run"
+    )
     try:
         _tmpfs(scratch, os.stat("/"))
         _fill(scratch, "/")

@@ -524,6 +524,15 @@ def test_bad_label_value_is_an_error() -> None:
         plan(pod, "shop", NATIVE)
 
 
+@pytest.mark.parametrize("value", [["15s"], {"seconds": 15}, 15])
+def test_an_annotation_that_is_not_a_string_is_an_error(value: object) -> None:
+    """A YAML manifest (synchro inject -f, synchro up) can hold any type there."""
+    pod = minimal()
+    pod["metadata"]["annotations"] = {"synchro.dev/timeout": value}
+    with pytest.raises(InjectionError, match=r"synchro\.dev/timeout.*expected a string"):
+        plan(pod, "shop", NATIVE)
+
+
 def test_unknown_annotations_are_warnings() -> None:
     pod = minimal()
     pod["metadata"]["annotations"] = {"synchro.dev/colour": "blue"}
