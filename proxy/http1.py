@@ -700,7 +700,8 @@ class _Conn:
             if call is not None:
                 self.up_connect = self.up_idle = None
                 call.finish(self.loop.time())
-                rec.flags = call.flags
+                # (`call.flags` renders the set; most requests have none.)
+                rec.flags = call.flags if call.flag_set else "-"
                 rec.attempts = call.attempts
                 rec.upstream_host = call.upstream
             rec.request_bytes = stats.bytes_from_downstream - in0
