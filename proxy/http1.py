@@ -687,15 +687,25 @@ class _Conn:
                     rec.route = call.route
                     if call.touches_headers:
                         headers = call.rewrite_headers(headers)
-                    # Straight to the attempt loop: one coroutine level less per request.
-                    head = self._head(req, headers)
-                    if call.target is not None:
-                        head[2] = call.target
-                    b = call.backend
-                    if b is not None:
-                        self.up_connect, self.up_idle = b.connect_timeout, b.idle_timeout
-                    return await self._attempts(req, head, call)
-            return await self._forward(req, headers)
+            # Forwarded from here, not from a coroutine of its own: each nested
+            # coroutine level costs every request's suspensions a step.
+            head = self._head(req, headers)
+            if call is not None:
+                if call.target is not None:
+                    head[2] = call.target
+                b = call.backend
+                if b is not None:
+                    self.up_connect, self.up_idle = b.connect_timeout, b.idle_timeout
+                return await self._attempts(req, head, call)
+            if req.method == b"CONNECT":
+                await self._connect_tunnel(req, head)
+                return False
+            head.append(_CRLF)
+            try:
+                up, resp = await self._exchange(self.choose_upstream(req), req, head)
+            except UpstreamError as exc:
+                return await self._answer_error(req, exc)
+            return await self._respond(req, resp, up)
         finally:
             if call is not None:
                 self.up_connect = self.up_idle = None
@@ -766,20 +776,6 @@ class _Conn:
         if meta.chunked:
             head.append(b"Transfer-Encoding: chunked\r\n")
         return head
-
-    async def _forward(self, req: _Request, headers: hdrs.Headers) -> bool:
-        """Proxy a request the traffic engine does not handle."""
-        head = self._head(req, headers)
-        if req.method == b"CONNECT":
-            await self._connect_tunnel(req, head)
-            return False
-        head.append(_CRLF)
-        address = self.choose_upstream(req)
-        try:
-            up, resp = await self._exchange(address, req, head)
-        except UpstreamError as exc:
-            return await self._answer_error(req, exc)
-        return await self._respond(req, resp, up)
 
     async def _attempts(self, req: _Request, head: list[bytes], call: Call) -> bool:
         """Send `req` as the engine says: attempt, judge the outcome, maybe again.
