@@ -25,6 +25,11 @@ HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade"}
 )
 REQUEST_ID: Final = b"x-request-id"
+# Sidecar-to-sidecar metadata (proxy.telemetry.telemetry explains it): a request
+# forwarded upstream never carries the app's own copy; the sidecar adds its own
+# over mesh mTLS.
+PEER_WORKLOAD: Final = b"x-synchro-peer-workload"
+_REQUEST_DROPPED: Final = HOP_BY_HOP | {PEER_WORKLOAD}
 _SEP: Final = b": "
 _CRLF: Final = b"\r\n"
 
@@ -102,7 +107,7 @@ def forward_request(
     out: list[bytes] = []
     for name, value in headers:
         low = name.lower()
-        if low in HOP_BY_HOP or low in tokens:
+        if low in _REQUEST_DROPPED or low in tokens:
             if low == b"transfer-encoding":
                 meta.chunked = True
             elif low == b"upgrade" and b"upgrade" in tokens:

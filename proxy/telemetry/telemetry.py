@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from proxy.conn import Address, Direction
+from proxy.headers import PEER_WORKLOAD
 from proxy.telemetry.accesslog import ACCESS_LOGGER, FORMATS, AccessLog
 from proxy.telemetry.metrics import ProxyMetrics
 from proxy.telemetry.propagation import INVALID_SPAN, INVALID_TRACE, extract, inject, sample
@@ -85,7 +86,6 @@ _LOW56: Final = (1 << 56) - 1  # the trace id bits that decide sampling
 # believed only from a caller with a verified identity and only when it occurs
 # once (an app that sets it too gets none), and always removed before the app
 # sees the request. Opaque TCP has no such field: there the label stays empty.
-PEER_WORKLOAD: Final = b"x-synchro-peer-workload"
 _PEER_WORKLOAD_LEN: Final = len(PEER_WORKLOAD)
 _WORKLOAD_VALUE: Final = re.compile(rb"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 
@@ -266,10 +266,12 @@ def replace_trace_headers(headers: list[Header], trace_headers: list[Header]) ->
     if drop.isdisjoint(map(_LOWER, map(_NAME, headers))):
         return headers + trace_headers  # nothing to drop: the common case
     replaced = {name for name, _ in trace_headers}
+    # The received tuples themselves: an hpack NeverIndexedHeaderTuple must stay
+    # never-indexed on the next hop (RFC 7541 7.1.3).
     kept = [
-        (name, value)
-        for name, value in headers
-        if (lowered := name.lower()) not in TRACE_HEADER_NAMES and lowered not in replaced
+        field
+        for field in headers
+        if (lowered := field[0].lower()) not in TRACE_HEADER_NAMES and lowered not in replaced
     ]
     return kept + trace_headers
 
@@ -473,10 +475,10 @@ class Telemetry:
             and _WORKLOAD_VALUE.fullmatch(found[0])
         ):
             rec.source_workload = found[0].decode("ascii")
-        return [
-            (n, v)
-            for n, v in headers
-            if not (len(n) == _PEER_WORKLOAD_LEN and n.lower() == PEER_WORKLOAD)
+        return [  # the tuples themselves: never-indexed fields stay so (RFC 7541 7.1.3)
+            field
+            for field in headers
+            if not (len(field[0]) == _PEER_WORKLOAD_LEN and field[0].lower() == PEER_WORKLOAD)
         ]
 
     def _names_us(self, transport: _HasExtraInfo | None) -> bool:
@@ -496,11 +498,16 @@ class Telemetry:
         return [*pieces[:4], self._peer_line, *pieces[4:]]
 
     def tag_http2(self, headers: list[Header], transport: _HasExtraInfo | None) -> list[Header]:
-        """Outbound HTTP/2: `headers` plus PEER_WORKLOAD when `transport` is mesh mTLS."""
-        if not self._names_us(transport):
+        """Outbound HTTP/2: over mesh mTLS, `headers` without any PEER_WORKLOAD the
+        app wrote, plus ours (when this proxy has a usable workload name); else
+        `headers` unchanged (a plaintext callee never believes the field)."""
+        if transport is None or transport.get_extra_info("ssl_object") is None:
             return headers
-        assert self._peer_field is not None
-        return [*headers, self._peer_field]
+        # HTTP/2 field names are lowercase (proxy.h2headers checks it).
+        kept = [field for field in headers if field[0] != PEER_WORKLOAD]
+        if self._peer_field is not None:
+            kept.append(self._peer_field)
+        return kept
 
     def describe_destination(self, rec: RequestRecord) -> None:
         """Outbound: the destination's workload, namespace and principal from the

@@ -471,8 +471,11 @@ def test_access_log_of_denied_requests_json_at_the_server_text_at_the_caller(tel
 
 
 def test_source_workload_is_never_taken_from_plaintext_or_from_the_app(tel: Tel) -> None:
-    forged = "x-synchro-peer-workload: client"
-    for pod, expected_principal in (("outside/plain-0", None), ("tel/client-0", CLIENT)):
+    forged = "x-synchro-peer-workload: payments"
+    for pod, expected_principal, expected_workload in (
+        ("outside/plain-0", None, None),
+        ("tel/client-0", CLIENT, "client"),
+    ):
         rid = str(uuid.uuid4())
         code, body = curl(tel, pod, "http://server.tel/headers", forged, f"x-request-id: {rid}")
         assert code == 200
@@ -480,6 +483,6 @@ def test_source_workload_is_never_taken_from_plaintext_or_from_the_app(tel: Tel)
         assert "x-synchro-peer-workload" not in seen  # stripped before the app
         (line,) = tel.json_lines("tel/server-0", request_id=rid)
         assert line["source_principal"] == expected_principal
-        # Plaintext: not believed; from the meshed client the app's copy next to
-        # its sidecar's makes two, and two are not believed either.
-        assert line["source_workload"] is None
+        # Plaintext: not believed. From the meshed client: its sidecar drops the
+        # app's copy and names the real workload.
+        assert line["source_workload"] == expected_workload

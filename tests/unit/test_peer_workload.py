@@ -7,11 +7,19 @@ tests/netns/test_telemetry_netns.py."""
 
 from __future__ import annotations
 
+from hpack import NeverIndexedHeaderTuple
+
 from proxy import config as pc
 from proxy.conn import Direction
+from proxy.headers import forward_request
 from proxy.registry import Registry
 from proxy.security.runtime import MeshSecurity
-from proxy.telemetry.telemetry import PEER_WORKLOAD, Telemetry, TelemetrySettings
+from proxy.telemetry.telemetry import (
+    PEER_WORKLOAD,
+    Telemetry,
+    TelemetrySettings,
+    replace_trace_headers,
+)
 
 CLIENT = "spiffe://cluster.local/ns/tel/sa/client"
 
@@ -125,3 +133,31 @@ def test_outbound_records_name_the_destination_pod() -> None:
     unknown.upstream_host = "192.0.2.1:80"
     t.end(unknown)
     assert unknown.destination_workload == ""
+
+
+def test_an_apps_own_field_never_leaves_its_sidecar() -> None:
+    """Over mTLS the callee believes the field, so the caller's sidecar must not
+    forward one the app wrote, whether or not it adds its own."""
+    forged = (PEER_WORKLOAD, b"payments")
+    h2 = [(b":method", b"GET"), (b":path", b"/"), forged]
+    assert telemetry().tag_http2(h2, Transport(tls=True)) == [*h2[:2], (PEER_WORKLOAD, b"client")]
+    assert telemetry("Bad Name").tag_http2(h2, Transport(tls=True)) == h2[:2]
+    # HTTP/1: the forwarded head never has the app's copy (any case).
+    lines, _ = forward_request(
+        [(b"Host", b"server"), (b"X-Synchro-Peer-Workload", b"payments")],
+        new_request_id=lambda: b"id",
+        default_host=b"server",
+    )
+    assert not any(line.lower().startswith(PEER_WORKLOAD) for line in lines), lines
+
+
+def test_filtering_keeps_never_indexed_fields_never_indexed() -> None:
+    """RFC 7541 7.1.3: a field the client marked never-indexed stays so on the
+    next hop, also when telemetry filters the list it belongs to."""
+    secret = NeverIndexedHeaderTuple(b"authorization", b"Bearer x")
+    t = telemetry("server")
+    rec, _ = t.begin(Direction.INBOUND, "http", [])
+    out = t.take_peer_workload(rec, CLIENT, [secret, (PEER_WORKLOAD, b"client")])
+    assert out == [secret] and type(out[0]) is NeverIndexedHeaderTuple
+    replaced = replace_trace_headers([secret, (b"traceparent", b"old")], [(b"traceparent", b"new")])
+    assert type(replaced[0]) is NeverIndexedHeaderTuple
