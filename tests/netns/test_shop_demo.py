@@ -26,6 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from synchro.local import hosts, mesh, netns
+from tests.integration.test_dashboard import DomGraph, run_chromium
 from tests.netns.test_up import Up, curl_host, mesh_up, synchro
 from tests.netns.watch_split import watch
 
@@ -150,6 +151,31 @@ def test_the_dashboard_shows_the_shop_on_the_host(shop: Up) -> None:
             break
         time.sleep(1)
     assert {"shop/catalog", "shop/ratings", "shop/payments"} <= names, names
+
+
+def test_chromium_draws_the_shops_service_graph_from_the_host(shop: Up, tmp_path: Path) -> None:
+    """Headless Chromium opens the dashboard of the running `synchro up` mesh
+    through the host relay: a real screenshot, and the SVG the page's script drew
+    has the service graph's nodes and edges (from the page's own data)."""
+    deadline = time.monotonic() + 30
+    graph: dict[str, Any] = {}
+    # Edges join workloads: the canary's two versions are nodes of their own.
+    wanted = {("shop/frontend", "shop/catalog-v1"), ("shop/frontend", "shop/payments")}
+    while time.monotonic() < deadline:
+        load(shop, 50)
+        pay(shop, "shop/frontend-0")
+        graph = json.loads(curl_host(shop.dashboard + "api/graph").stdout)
+        if wanted <= {(e["source"], e["destination"]) for e in graph["edges"]}:
+            break
+        time.sleep(1)
+    assert wanted <= {(e["source"], e["destination"]) for e in graph["edges"]}, graph
+    screenshot = tmp_path / "dashboard.png"
+    run_chromium(shop.dashboard, tmp_path, f"--screenshot={screenshot}")
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    dom = DomGraph()
+    dom.feed(run_chromium(shop.dashboard, tmp_path, "--dump-dom"))
+    assert dom.edges >= wanted, dom.edges
+    assert dom.nodes >= {"shop/frontend", "shop/catalog-v1", "shop/payments"}, dom.nodes
 
 
 def test_payments_proxy_reports_mutual_tls_from_frontend(shop: Up) -> None:
