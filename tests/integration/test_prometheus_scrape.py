@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import tempfile
 import time
 import urllib.parse
@@ -17,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from tests.integration.prometheus_support import PROMETHEUS, run_prometheus
 from tests.integration.proxy_harness import BackgroundServer, echo_handler, free_port, run_proxy
 
-PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(
     PROMETHEUS is None,
     reason="the prometheus binary is missing (apt-get install prometheus)",
@@ -30,42 +28,11 @@ WAIT = 40.0
 @contextmanager
 def prometheus(target: str) -> Iterator[str]:
     """Prometheus on a free loopback port with temp config and storage; its base URL."""
-    assert PROMETHEUS is not None
-    with tempfile.TemporaryDirectory(prefix="synchro-prom-") as tmp:
-        config = Path(tmp, "prometheus.yml")
-        config.write_text(
-            "global:\n"
-            "  scrape_interval: 1s\n"
-            "  scrape_timeout: 1s\n"
-            "scrape_configs:\n"
-            "  - job_name: synchro-proxy\n"
-            "    metrics_path: /metrics\n"
-            "    static_configs:\n"
-            f"      - targets: ['{target}']\n"
-        )
-        port = free_port()
-        with Path(tmp, "prometheus.log").open("wb") as log:
-            process = subprocess.Popen(
-                [
-                    PROMETHEUS,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={tmp}/data",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            try:
-                yield f"http://127.0.0.1:{port}"
-            finally:
-                process.terminate()
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=5)
+    with (
+        tempfile.TemporaryDirectory(prefix="synchro-prom-") as tmp,
+        run_prometheus([target], Path(tmp), port=free_port()) as running,
+    ):
+        yield running.url
 
 
 def query(base: str, promql: str) -> list[dict[str, Any]]:
@@ -97,7 +64,7 @@ def test_prometheus_scrapes_the_proxy() -> None:
         run_proxy(static_destination=app.address) as proxy,
         prometheus(f"{proxy.status[0]}:{proxy.status[1]}") as base,
     ):
-        (up,) = wait_query(base, 'up{job="synchro-proxy"} == 1')
+        (up,) = wait_query(base, 'up{job="synchro-proxies"} == 1')
         assert up["metric"]["instance"] == f"127.0.0.1:{proxy.status[1]}"
         (cpu,) = wait_query(base, "synchro_process_cpu_seconds_total")
         assert float(cpu["value"][1]) > 0
@@ -112,5 +79,5 @@ def test_prometheus_scrapes_the_proxy() -> None:
             "synchro_spans_dropped_total",
         } <= names
         # The target's own health as Prometheus sees it: the scrape parsed cleanly.
-        (samples,) = wait_query(base, 'scrape_samples_scraped{job="synchro-proxy"}')
+        (samples,) = wait_query(base, 'scrape_samples_scraped{job="synchro-proxies"}')
         assert float(samples["value"][1]) >= len(names)

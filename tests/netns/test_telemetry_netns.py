@@ -41,11 +41,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from synchro.local import mesh, netns
+from tests.integration.prometheus_support import PROMETHEUS, RunningPrometheus, run_prometheus
 from tests.netns.test_up import Up, mesh_up
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures" / "telemetry"
-PROMETHEUS = shutil.which("prometheus")
 # fixtures/telemetry/tel.yaml names the collector at the default subnet's gateway.
 GATEWAY = str(ipaddress.ip_network(mesh.DEFAULT_SUBNET)[1])
 OTLP_PORT = 4318
@@ -119,46 +119,12 @@ class Receiver:
         raise AssertionError(f"trace {trace_id}: {len(found)} spans after {WAIT}s, expected {n}")
 
 
-def start_prometheus(node_ns: str, targets: list[str], tmp: Path) -> subprocess.Popen[bytes]:
-    assert PROMETHEUS is not None
-    config = tmp / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, scrape_timeout: 1s}\n"
-        "scrape_configs:\n"
-        "  - job_name: synchro-proxies\n"
-        f"    static_configs: [{{targets: {json.dumps(targets)}}}]\n"
-    )
-    with (tmp / "prometheus.log").open("wb") as log:
-        return subprocess.Popen(
-            [
-                "ip", "netns", "exec", node_ns, PROMETHEUS,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp / 'data'}",
-                f"--web.listen-address=127.0.0.1:{PROM_PORT}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=5)
-
-
 @dataclass
 class Tel:
     up: Up
     node_ns: str
     receiver: Receiver
-    prometheus: subprocess.Popen[bytes]
-    prom_log: Path
+    prometheus: RunningPrometheus
     offsets: dict[str, int] = field(default_factory=dict)
 
     # -- Prometheus --------------------------------------------------------------
@@ -178,7 +144,7 @@ class Tel:
         deadline = time.monotonic() + WAIT
         last: object = "no answer"
         while time.monotonic() < deadline:
-            assert self.prometheus.poll() is None, self.prom_log.read_text()[-2000:]
+            self.prometheus.check_alive()
             try:
                 result = self.query(promql)
             except (OSError, ValueError) as exc:  # still starting
@@ -243,11 +209,10 @@ def tel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tel]:
         pods = up.status()["pods"]
         targets = [f"{p['ip']}:15020" for p in pods if p["meshed"]]
         receiver = Receiver(node_ns)
-        prometheus = start_prometheus(node_ns, targets, Path(tmp))
         try:
-            yield Tel(up, node_ns, receiver, prometheus, Path(tmp) / "prometheus.log")
+            with run_prometheus(targets, Path(tmp), port=PROM_PORT, netns=node_ns) as prometheus:
+                yield Tel(up, node_ns, receiver, prometheus)
         finally:
-            stop(prometheus)
             receiver.close()
 
 
