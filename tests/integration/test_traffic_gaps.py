@@ -10,7 +10,6 @@ hang until the client gives up.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import socket
 import threading
@@ -24,29 +23,23 @@ import pytest
 from proxy import config as pc
 from tests.integration.grpc_support.h2server import H2Client
 from tests.integration.h2record import RecordingH2Server
-from tests.integration.proxy_harness import BackgroundServer, RunningProxy, start_proxy
+from tests.integration.proxy_harness import BackgroundServer
 from tests.integration.traffic_harness import (
     Behaviour,
     Client,
-    ConfigWriter,
+    ConfiguredProxy,
     Upstream,
     http_route,
     service,
-    wait_version,
 )
 
 pytestmark = pytest.mark.timeout(90)
 
 
-class Mesh:
-    """A proxy whose static destination is shop/web's ClusterIP:port."""
+class Mesh(ConfiguredProxy):
+    """The proxy with one service, shop/web, at its static destination."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.cfg = ConfigWriter(tmp / "proxy.json")
-        self.vip = ConfigWriter.vip_port()
-        self.proxy: RunningProxy | None = None
-
-    def apply(
+    def web(
         self,
         endpoints: list[Any],
         policy: pc.TrafficPolicy | None = None,
@@ -54,29 +47,21 @@ class Mesh:
         routes: list[pc.Route] | None = None,
         protocol: str = "http",
     ) -> None:
-        svc = service(
-            "shop/web", self.vip, endpoints, policy=policy, routes=routes or (), protocol=protocol
+        self.apply(
+            [
+                service(
+                    "shop/web",
+                    self.vip,
+                    endpoints,
+                    policy=policy,
+                    routes=routes or (),
+                    protocol=protocol,
+                )
+            ]
         )
-        version = self.cfg.write([svc])
-        if self.proxy is None:
-            self.proxy = start_proxy(
-                static_destination=f"127.0.0.1:{self.vip}",
-                extra_args=[f"--config-file={self.cfg.path}", "--access-log=json"],
-            )
-        wait_version(self.proxy, version)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        assert self.proxy is not None
-        return self.proxy.outbound
 
     def flags(self) -> list[str]:
-        assert self.proxy is not None
-        return [
-            str(json.loads(line).get("response_flags"))
-            for line in self.proxy.log().splitlines()
-            if line.startswith("{")
-        ]
+        return [str(entry.get("response_flags")) for entry in self.access_log()]
 
     def breaker(self) -> dict[str, int]:
         assert self.proxy is not None
@@ -95,10 +80,6 @@ class Mesh:
             if line.startswith("synchro_requests_total{") and f'response_flags="{flag}"' in line:
                 total += float(line.rsplit(" ", 1)[1])
         return total
-
-    def close(self) -> None:
-        if self.proxy is not None:
-            self.proxy.stop()
 
 
 @pytest.fixture
@@ -163,7 +144,7 @@ def until(check: Any, timeout: float = 3.0) -> bool:
 def test_http1_pending_requests_wait_and_overflow_answers_503_uo(mesh: Mesh) -> None:
     breaker = pc.CircuitBreaker(max_connections=1, max_pending_requests=1)
     with Upstream("slow", Behaviour(delay=0.6)) as slow:
-        mesh.apply([slow], pc.TrafficPolicy(circuit_breaker=breaker))
+        mesh.web([slow], pc.TrafficPolicy(circuit_breaker=breaker))
         answers: dict[str, tuple[int, float]] = {}
 
         def get(name: str) -> None:
@@ -206,7 +187,7 @@ def test_http1_pending_requests_wait_and_overflow_answers_503_uo(mesh: Mesh) -> 
 def test_http2_pending_requests_wait_and_overflow_answers_503_uo(mesh: Mesh) -> None:
     breaker = pc.CircuitBreaker(max_connections=1, max_pending_requests=1)
     with RecordingH2Server() as web:
-        mesh.apply(
+        mesh.web(
             [("127.0.0.1", web.port)], pc.TrafficPolicy(circuit_breaker=breaker), protocol="http2"
         )
         with H2Client(mesh.address[1]) as c:
@@ -232,7 +213,7 @@ def test_http2_pending_requests_wait_and_overflow_answers_503_uo(mesh: Mesh) -> 
 def test_connect_timeout_answers_503_uf_and_counts_for_outlier_detection(mesh: Mesh) -> None:
     timeouts = pc.Timeouts(connect=0.2)
     with Blackhole() as hole, Upstream("good") as good:
-        mesh.apply([("127.0.0.1", hole.port)], pc.TrafficPolicy(timeouts=timeouts))
+        mesh.web([("127.0.0.1", hole.port)], pc.TrafficPolicy(timeouts=timeouts))
         with Client(mesh.address) as c:
             t0 = time.perf_counter()
             status, _, _ = c.get("/")
@@ -249,7 +230,7 @@ def test_connect_timeout_answers_503_uf_and_counts_for_outlier_detection(mesh: M
                 consecutive_gateway_errors=2, base_ejection_time=30.0, max_ejection_percent=50.0
             ),
         )
-        mesh.apply([("127.0.0.1", hole.port), good], policy)
+        mesh.web([("127.0.0.1", hole.port), good], policy)
         with Client(mesh.address) as c:
             statuses = [c.get("/")[0] for _ in range(20)]
         assert statuses == [200] * 20
@@ -259,7 +240,7 @@ def test_connect_timeout_answers_503_uf_and_counts_for_outlier_detection(mesh: M
 
 def test_http2_connect_timeout_answers_503(mesh: Mesh) -> None:
     with Blackhole() as hole:
-        mesh.apply(
+        mesh.web(
             [("127.0.0.1", hole.port)],
             pc.TrafficPolicy(timeouts=pc.Timeouts(connect=0.2)),
             protocol="http2",
@@ -280,7 +261,7 @@ def test_http1_idle_timeout_closes_pooled_upstream_and_idle_client_connections(
     mesh: Mesh,
 ) -> None:
     with CountingUpstream("web") as web:
-        mesh.apply([web], pc.TrafficPolicy(timeouts=pc.Timeouts(idle=0.3)))
+        mesh.web([web], pc.TrafficPolicy(timeouts=pc.Timeouts(idle=0.3)))
         sock = socket.create_connection(mesh.address, timeout=5)
         try:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
@@ -302,7 +283,7 @@ def test_http2_idle_timeout_closes_pooled_upstream_and_idle_client_connections(
     mesh: Mesh,
 ) -> None:
     with RecordingH2Server() as web:
-        mesh.apply(
+        mesh.web(
             [("127.0.0.1", web.port)],
             pc.TrafficPolicy(timeouts=pc.Timeouts(idle=0.3)),
             protocol="http2",
@@ -345,7 +326,7 @@ def _route(timeout: float, vip: int) -> pc.Route:
 
 def test_http1_request_timeout_cuts_a_streaming_body_ut(mesh: Mesh) -> None:
     with BackgroundServer(_stalling_body) as up:
-        mesh.apply([("127.0.0.1", up.port)], routes=[_route(0.5, mesh.vip)])
+        mesh.web([("127.0.0.1", up.port)], routes=[_route(0.5, mesh.vip)])
         with Client(mesh.address) as c:
             assert c.get("/quick") == (200, {"content-length": "20"}, b"first piece;the rest")
         sock = socket.create_connection(mesh.address, timeout=5)
@@ -368,7 +349,7 @@ def test_http1_request_timeout_cuts_a_streaming_body_ut(mesh: Mesh) -> None:
 
 def test_http2_request_timeout_resets_a_streaming_body_ut(mesh: Mesh) -> None:
     with RecordingH2Server() as web:
-        mesh.apply([("127.0.0.1", web.port)], routes=[_route(0.5, mesh.vip)], protocol="http2")
+        mesh.web([("127.0.0.1", web.port)], routes=[_route(0.5, mesh.vip)], protocol="http2")
         with H2Client(mesh.address[1]) as c:
             quick = c.get("/slow-body/50")
             cut = c.get("/slow-body/2000")

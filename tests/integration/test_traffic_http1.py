@@ -8,7 +8,6 @@ namespaces with real ClusterIPs.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import Counter
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from proxy import config as pc
-from tests.integration.proxy_harness import RunningProxy, run_proxy, start_proxy
+from tests.integration.proxy_harness import run_proxy
 from tests.integration.traffic_harness import (
     Behaviour,
     Client,
@@ -30,43 +29,11 @@ from tests.integration.traffic_harness import (
     share,
     wait_version,
 )
+from tests.integration.traffic_harness import (
+    ConfiguredProxy as Mesh,
+)
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class Mesh:
-    """A proxy whose static destination is a service's ClusterIP:port."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.cfg = ConfigWriter(tmp / "proxy.json")
-        self.vip = ConfigWriter.vip_port()
-        self.proxy: RunningProxy | None = None
-
-    def apply(self, services: list[pc.Service]) -> None:
-        version = self.cfg.write(services)
-        if self.proxy is None:
-            self.proxy = start_proxy(
-                static_destination=f"127.0.0.1:{self.vip}",
-                extra_args=[f"--config-file={self.cfg.path}", "--access-log=json"],
-            )
-        wait_version(self.proxy, version)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        assert self.proxy is not None
-        return self.proxy.outbound
-
-    def access_log(self) -> list[dict[str, object]]:
-        assert self.proxy is not None
-        out = []
-        for line in self.proxy.log().splitlines():
-            if line.startswith("{"):
-                out.append(json.loads(line))
-        return out
-
-    def close(self) -> None:
-        if self.proxy is not None:
-            self.proxy.stop()
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from typing import Any
 import httptools
 
 from proxy import config as pc
-from tests.integration.proxy_harness import BackgroundServer, free_port
+from tests.integration.proxy_harness import BackgroundServer, RunningProxy, free_port, start_proxy
 
 # --- upstream -----------------------------------------------------------------------
 
@@ -374,3 +374,37 @@ def wait_version(proxy: Any, version: str, timeout: float = 5.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"proxy still on config {seen!r}, expected {version!r}")
+
+
+class ConfiguredProxy:
+    """A synchro-proxy whose static destination is 127.0.0.1:`vip` (a service's
+    ClusterIP:port), configured through `--config-file`, access log in JSON.
+    Started by the first `apply`; `close` stops it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.cfg = ConfigWriter(tmp / "proxy.json")
+        self.vip = ConfigWriter.vip_port()
+        self.proxy: RunningProxy | None = None
+
+    def apply(self, services: Sequence[pc.Service]) -> None:
+        """Write `services` as the proxy's config and wait until it runs on it."""
+        version = self.cfg.write(services)
+        if self.proxy is None:
+            self.proxy = start_proxy(
+                static_destination=f"127.0.0.1:{self.vip}",
+                extra_args=[f"--config-file={self.cfg.path}", "--access-log=json"],
+            )
+        wait_version(self.proxy, version)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.proxy is not None
+        return self.proxy.outbound
+
+    def access_log(self) -> list[dict[str, Any]]:
+        assert self.proxy is not None
+        return [json.loads(line) for line in self.proxy.log().splitlines() if line.startswith("{")]
+
+    def close(self) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()
