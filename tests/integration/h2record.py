@@ -18,6 +18,8 @@ import h2.connection
 import h2.events
 import h2.exceptions
 
+from tests.integration.grpc_support.h2server import LoopServer
+
 
 class _Conn(asyncio.Protocol):
     def __init__(self, server: RecordingH2Server) -> None:
@@ -95,45 +97,22 @@ class _Conn(asyncio.Protocol):
         asyncio.get_running_loop().call_later(ms / 1000, rest)
 
 
-class RecordingH2Server:
+class RecordingH2Server(LoopServer):
     """`with RecordingH2Server() as s:` an h2c server on 127.0.0.1:<s.port>, own thread."""
 
     def __init__(self, mode: str = "ok") -> None:
+        super().__init__()
         self.mode = mode
-        self.port = 0
         self.lock = threading.Lock()
         self.completed: list[tuple[str, bytes]] = []
         self.connections = 0
         self.closed = 0
         self.resets = 0
-        self.loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def protocol(self) -> asyncio.Protocol:
+        return _Conn(self)
 
     @property
     def count(self) -> int:
         with self.lock:
             return len(self.completed)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-
-        async def start() -> asyncio.Server:
-            server = await self.loop.create_server(lambda: _Conn(self), "127.0.0.1", 0)
-            self.port = int(server.sockets[0].getsockname()[1])
-            return server
-
-        server = self.loop.run_until_complete(start())
-        self._ready.set()
-        self.loop.run_forever()
-        server.close()
-        self.loop.close()
-
-    def __enter__(self) -> RecordingH2Server:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Self, cast
 
 import h2.config
 import h2.connection
@@ -208,26 +208,24 @@ class _ServerConnection(asyncio.Protocol):
             return
 
 
-class TinyH2Server:
-    """`with TinyH2Server() as s:` an h2c server on 127.0.0.1:<s.port>, on its own thread."""
+class LoopServer:
+    """A TCP server on 127.0.0.1:<port> whose asyncio loop runs on a thread of
+    its own; subclasses say which protocol serves a connection."""
 
-    def __init__(self, max_streams: int | None = None) -> None:
+    def __init__(self) -> None:
         self.port = 0
-        self.max_streams = max_streams
-        self.connections = 0
-        self.requests: list[dict[str, str]] = []
-        self.resets: list[tuple[str, int]] = []
-        self.refused = False
-        self.sent_bytes = 0
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def protocol(self) -> asyncio.Protocol:
+        raise NotImplementedError
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
 
         async def start() -> asyncio.Server:
-            server = await self.loop.create_server(lambda: _ServerConnection(self), "127.0.0.1", 0)
+            server = await self.loop.create_server(self.protocol, "127.0.0.1", 0)
             self.port = int(server.sockets[0].getsockname()[1])
             return server
 
@@ -240,7 +238,7 @@ class TinyH2Server:
         self.loop.run_until_complete(asyncio.sleep(0))
         self.loop.close()
 
-    def __enter__(self) -> TinyH2Server:
+    def __enter__(self) -> Self:
         self._thread.start()
         self._ready.wait(10)
         return self
@@ -248,6 +246,22 @@ class TinyH2Server:
     def __exit__(self, *exc: object) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+
+
+class TinyH2Server(LoopServer):
+    """`with TinyH2Server() as s:` an h2c server on 127.0.0.1:<s.port>, on its own thread."""
+
+    def __init__(self, max_streams: int | None = None) -> None:
+        super().__init__()
+        self.max_streams = max_streams
+        self.connections = 0
+        self.requests: list[dict[str, str]] = []
+        self.resets: list[tuple[str, int]] = []
+        self.refused = False
+        self.sent_bytes = 0
+
+    def protocol(self) -> asyncio.Protocol:
+        return _ServerConnection(self)
 
 
 @dataclass
